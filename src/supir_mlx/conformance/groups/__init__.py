@@ -1,0 +1,1 @@
+"""One module per fixture group; each exposes `run(fixture, ctx) -> list[Comparison]`."""

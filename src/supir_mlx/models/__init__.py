@@ -1,0 +1,1 @@
+"""The SUPIR networks in MLX (NHWC), named like the official modules."""

@@ -1,0 +1,54 @@
+"""Building blocks shared by every network: the one attention, the one GroupNorm, timestep embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# Largest score matrix (elements, all heads of one batch item) computed in one piece. Above it the
+# queries are processed in chunks so a 512-channel single-head VAE attention over a 2048x2048 image
+# (65536^2 scores) never materialises.
+MAX_SCORE_ELEMENTS = 1 << 26
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float | None = None) -> mx.array:
+    """Multi-head attention over [B, N, heads*D] inputs, no mask.
+
+    Uses the fused `mx.fast.scaled_dot_product_attention`; queries are chunked when the full
+    score matrix would exceed MAX_SCORE_ELEMENTS.
+    """
+    b, nq, c = q.shape
+    nk = k.shape[1]
+    d = c // heads
+    dv = v.shape[-1] // heads
+    scale = d**-0.5 if scale is None else scale
+    q = q.reshape(b, nq, heads, d).transpose(0, 2, 1, 3)
+    k = k.reshape(b, nk, heads, d).transpose(0, 2, 1, 3)
+    v = v.reshape(b, nk, heads, dv).transpose(0, 2, 1, 3)
+    chunk = max(1, MAX_SCORE_ELEMENTS // (heads * nk))
+    if nq <= chunk:
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        out = mx.concatenate(
+            [
+                mx.fast.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v, scale=scale)
+                for i in range(0, nq, chunk)
+            ],
+            axis=2,
+        )
+    return out.transpose(0, 2, 1, 3).reshape(b, nq, heads * dv)
+
+
+def group_norm(channels: int, eps: float, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm over the last (channel) axis with PyTorch's grouping of channels."""
+    return nn.GroupNorm(groups, channels, eps=eps, affine=True, pytorch_compatible=True)
+
+
+def timestep_embedding(t: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
+    """Sinusoidal embedding `[cos(t f), sin(t f)]` (cos first), f_k = exp(-ln(max_period) k / half)."""
+    half = dim // 2
+    freqs = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
+    args = t.astype(mx.float32)[:, None] * freqs[None]
+    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
