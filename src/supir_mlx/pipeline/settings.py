@@ -1,0 +1,111 @@
+"""Restore settings, the official defaults and the presets.
+
+Every knob of the official `batchify_sample` / test.py / gradio_demo is here, named after what it
+does, with the official name in the comment. A preset is a set of overrides on the defaults; any
+knob given explicitly wins over the preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from ..config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_POSITIVE_PROMPT
+
+SAMPLERS = ("edm", "dpmpp")
+COLOR_FIXES = ("wavelet", "adain", "none")
+MODELS = ("v0Q", "v0F")
+
+
+class SettingsError(ValueError):
+    """An invalid restore setting; the message is one line naming the setting."""
+
+
+@dataclass(frozen=True)
+class RestoreSettings:
+    # pre-processing (PIL2Tensor): scale by `upscale`, short side at least `min_size`, sides multiple of 64
+    upscale: float = 1.0
+    min_size: int = 1024
+    # sampling (test.py defaults)
+    sampler: str = "edm"  # RestoreEDMSampler; "dpmpp" = RestoreDPMPP2MSampler (Lightning bases)
+    steps: int = 50  # edm_steps
+    cfg: float = 4.0  # s_cfg (scale_min of LinearCFG when linear_cfg)
+    cfg_start: float = 1.0  # spt_linear_CFG
+    linear_cfg: bool = True  # linear_CFG
+    control_scale: float = 1.0  # s_stage2
+    control_start: float = 0.0  # spt_linear_s_stage2
+    linear_control: bool = False  # linear_s_stage2
+    restore_cfg: float = -1.0  # s_stage1 (restoration guidance toward the stage-1 latent; <= 0 is off)
+    s_churn: float = 5.0
+    s_noise: float = 1.01
+    eta: float = 1.0  # DPM++ only
+    color_fix: str = "wavelet"  # color_fix_type
+    seed: int = 1234
+    num_samples: int = 1
+    # text
+    prompt: str | None = None  # the caption; None = caption automatically (or empty without a captioner)
+    positive_prompt: str = DEFAULT_POSITIVE_PROMPT  # a_prompt, appended to the caption
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT  # n_prompt
+    # model
+    model: str = "v0Q"  # SUPIR_sign
+    # tiling (latent pixels for the sampler, image pixels for the VAE); None = chosen automatically
+    tile_size: int | None = None
+    tile_stride: int | None = None
+    vae_encoder_tile: int | None = None
+    vae_decoder_tile: int | None = None
+
+    def validate(self) -> "RestoreSettings":
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise SettingsError(msg)
+
+        need(self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, not '{self.sampler}'")
+        need(self.color_fix in COLOR_FIXES, f"color fix must be one of {', '.join(COLOR_FIXES)}, not '{self.color_fix}'")
+        need(self.model in MODELS, f"model must be one of {', '.join(MODELS)}, not '{self.model}'")
+        need(0 < self.upscale <= 16, f"upscale must be in (0, 16], got {self.upscale}")
+        need(self.min_size >= 64, f"min size must be at least 64, got {self.min_size}")
+        need(1 <= self.steps <= 1000, f"steps must be between 1 and 1000, got {self.steps}")
+        need(self.num_samples >= 1, f"num samples must be at least 1, got {self.num_samples}")
+        need(self.s_churn >= 0 and self.s_noise > 0, "s_churn must be >= 0 and s_noise > 0")
+        need(self.eta > 0 or self.sampler != "dpmpp", "eta must be > 0 for the DPM++ sampler (eta 0 gives NaN officially)")
+        need(self.sampler != "dpmpp" or self.num_samples == 1, "the DPM++ sampler runs one sample at a time (as officially)")
+        if self.tile_size is not None:
+            need(self.tile_size >= 8, f"tile size must be at least 8 latent pixels, got {self.tile_size}")
+            stride = self.tile_stride if self.tile_stride is not None else self.tile_size // 2
+            need(0 < stride <= self.tile_size, f"tile stride must be in (0, tile size], got {stride}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "RestoreSettings":
+        names = {f.name for f in fields(RestoreSettings)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SettingsError(f"unknown settings: {', '.join(unknown)}")
+        return RestoreSettings(**d)
+
+    def updated(self, **overrides: Any) -> "RestoreSettings":
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# Official presets (gradio_demo option files; the Lightning yaml's default_setting).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "quality": dict(cfg=7.5, cfg_start=4.0, s_churn=5.0, s_noise=1.003, linear_cfg=True, model="v0Q"),
+    "fidelity": dict(cfg=4.0, cfg_start=1.0, s_churn=5.0, s_noise=1.003, linear_cfg=True, model="v0F"),
+    "lightning": dict(
+        sampler="dpmpp", steps=8, cfg=2.0, cfg_start=2.0, linear_cfg=True, s_churn=0.0, s_noise=1.003, model="v0Q"
+    ),
+    "lightning-fidelity": dict(
+        sampler="dpmpp", steps=8, cfg=1.5, cfg_start=1.5, linear_cfg=True, s_churn=0.0, s_noise=1.003, model="v0F"
+    ),
+}
+
+
+def settings_for(preset: str = "default", **overrides: Any) -> RestoreSettings:
+    """The preset's settings with every explicitly given (non-None) knob overriding it."""
+    if preset not in PRESETS:
+        raise SettingsError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+    return RestoreSettings(**PRESETS[preset]).updated(**overrides).validate()
