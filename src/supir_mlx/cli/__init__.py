@@ -13,6 +13,7 @@ import click
 # command name -> (module, attribute)
 COMMANDS = {
     "conformance": ("supir_mlx.cli.conformance", "conformance"),
+    "download": ("supir_mlx.cli.download", "download"),
 }
 
 
