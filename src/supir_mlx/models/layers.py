@@ -13,8 +13,10 @@ import mlx.nn as nn
 MAX_SCORE_ELEMENTS = 1 << 26
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float | None = None) -> mx.array:
-    """Multi-head attention over [B, N, heads*D] inputs, no mask.
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float | None = None, causal: bool = False
+) -> mx.array:
+    """Multi-head attention over [B, N, heads*D] inputs; `causal`: query i sees keys 0..i only.
 
     Uses the fused `mx.fast.scaled_dot_product_attention`; queries are chunked when the full
     score matrix would exceed MAX_SCORE_ELEMENTS.
@@ -28,16 +30,16 @@ def attention(q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float | 
     k = k.reshape(b, nk, heads, d).transpose(0, 2, 1, 3)
     v = v.reshape(b, nk, heads, dv).transpose(0, 2, 1, 3)
     chunk = max(1, MAX_SCORE_ELEMENTS // (heads * nk))
+
+    def part(i: int, j: int) -> mx.array:
+        # An explicit mask: MLX's mask="causal" aligns the last query with the last key, wrong for a chunk.
+        mask = mx.arange(i, j)[:, None] >= mx.arange(nk)[None] if causal else None
+        return mx.fast.scaled_dot_product_attention(q[:, :, i:j], k, v, scale=scale, mask=mask)
+
     if nq <= chunk:
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        out = part(0, nq)
     else:
-        out = mx.concatenate(
-            [
-                mx.fast.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v, scale=scale)
-                for i in range(0, nq, chunk)
-            ],
-            axis=2,
-        )
+        out = mx.concatenate([part(i, min(i + chunk, nq)) for i in range(0, nq, chunk)], axis=2)
     return out.transpose(0, 2, 1, 3).reshape(b, nq, heads * dv)
 
 
