@@ -12,7 +12,10 @@ import click
 
 # command name -> (module, attribute)
 COMMANDS = {
+    "caption": ("supir_mlx.cli.caption", "caption"),
     "conformance": ("supir_mlx.cli.conformance", "conformance"),
+    "convert": ("supir_mlx.cli.convert", "convert"),
+    "convert-llava": ("supir_mlx.cli.caption", "convert_llava"),
     "download": ("supir_mlx.cli.download", "download"),
 }
 
