@@ -1,0 +1,385 @@
+"""Reading and writing the user's photos: every bad file is one clear error, every write is atomic.
+
+`load_image` returns sRGB pixels with the EXIF orientation applied, plus everything worth carrying to the output
+(alpha, source bit depth, ICC profile, EXIF, XMP, IPTC). `save_image` writes PNG/TIFF (8 or 16 bit), JPEG or WebP
+through a temporary file in the destination folder and `os.replace`, so a crash, a full disk or Ctrl-C never
+leaves a partial file, and an existing file is never replaced unless asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import struct
+import tempfile
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from . import metadata
+
+DEFAULT_MAX_PIXELS = 150_000_000  # ~ a 15000 x 10000 scan; well above any camera, far below a bomb
+READ_FORMATS = {"JPEG", "PNG", "TIFF", "WEBP"}
+WRITE_FORMATS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+INPUT_EXTENSIONS = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".webp", ".heic", ".heif"}
+
+Image.init()  # register every plugin so `formats=` can name them
+try:  # HEIC/HEIF input when the optional extra `heic` (pillow-heif) is installed
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    READ_FORMATS.add("HEIF")
+except ImportError:
+    INPUT_EXTENSIONS -= {".heic", ".heif"}
+
+
+class ImageError(Exception):
+    """A file that cannot be read or written; str() is one line naming the file and the reason."""
+
+
+@dataclass
+class LoadedImage:
+    path: Path
+    rgb: np.ndarray  # H x W x 3, uint8 (or uint16 for 16-bit grayscale sources), sRGB, upright
+    alpha: np.ndarray | None  # H x W, same dtype as rgb, or None
+    bits: int  # bit depth per channel of the source file (8 or 16)
+    format: str  # Pillow format name of the source
+    mode: str  # Pillow mode of the source before conversion
+    icc_profile: bytes | None  # the source's profile (pixels have been converted from it to sRGB)
+    exif: bytes | None
+    xmp: bytes | None
+    iptc: dict | None
+    orientation: int  # EXIF orientation of the source (already applied to the pixels)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rgb.shape[1], self.rgb.shape[0]
+
+    def to_pil(self) -> Image.Image:
+        """8-bit RGB for the official pre-processing (which quantises to 8 bits anyway)."""
+        rgb = self.rgb if self.rgb.dtype == np.uint8 else (self.rgb.astype(np.float32) / 257).round().astype(np.uint8)
+        return Image.fromarray(rgb, "RGB")
+
+    def to_float(self) -> np.ndarray:
+        return self.rgb.astype(np.float32) / (255.0 if self.rgb.dtype == np.uint8 else 65535.0)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return "disk full"
+    if isinstance(e, (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError)):
+        return e.strerror.lower() if e.strerror else type(e).__name__
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text.replace(str(getattr(e, "filename", "") or "\0"), "").strip(" :'")
+
+
+@contextlib.contextmanager
+def open_header(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Image.Image]:
+    """Open an image for its header only, refusing missing/empty/non-image files and oversized dimensions."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: file not found")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a folder, not an image file")
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"{path}: empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path, formats=sorted(READ_FORMATS))
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(f"{path}: image dimensions exceed the limit of {max_pixels:,} pixels (refused before "
+                         "decoding)") from None
+    except UnidentifiedImageError:
+        kinds = "JPEG, PNG, TIFF, WebP" + (", HEIC" if ".heic" in INPUT_EXTENSIONS else "")
+        raise ImageError(f"{path}: not a supported image file ({kinds})") from None
+    except (OSError, SyntaxError, ValueError, struct.error) as e:
+        raise ImageError(f"{path}: cannot read ({_reason(e)})") from None
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ImageError(f"{path}: {w} x {h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+                             "(refused before decoding; raise max_pixels to allow it)")
+        yield im
+
+
+def _to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
+    """8-bit RGB(A) in sRGB; a broken or unusual profile leaves the pixels as they are."""
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK"):
+        return im
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        out_mode = "RGBA" if im.mode == "RGBA" else "RGB"
+        return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode=out_mode)
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return im
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Decode `path` to upright sRGB; raise ImageError (one line, naming the file) for anything unusable."""
+    path = Path(path)
+    with open_header(path, max_pixels) as im:
+        try:
+            im.seek(0)  # first frame of an animation or multi-page TIFF
+            im.load()
+            info = dict(im.info)
+            fmt, mode = im.format, im.mode
+            exif = im.getexif()
+            orientation = int(exif.get(0x0112, 1) or 1)
+            bits = 16 if mode.startswith("I;16") or _declared_16bit(im, path) else 8
+            iptc = _iptc(im)
+            xmp = info.get("xmp") or (im.tag_v2.get(700) if fmt == "TIFF" else None)
+            upright = ImageOps.exif_transpose(im)
+        except ImageError:
+            raise
+        except (OSError, SyntaxError, ValueError, struct.error, EOFError, zlib.error) as e:
+            raise ImageError(f"{path}: corrupt or truncated image data ({_reason(e)})") from None
+    icc = info.get("icc_profile") or None
+    raw_exif = exif.tobytes() if len(exif) else None
+    if isinstance(xmp, str):
+        xmp = xmp.encode("utf-8")
+    rgb, alpha = _pixels(upright, icc)
+    return LoadedImage(path, rgb, alpha, bits, fmt, mode, icc, raw_exif, xmp, iptc, orientation)
+
+
+def _declared_16bit(im: Image.Image, path: Path) -> bool:
+    # Pillow reduces 48/64-bit RGB(A) PNG and TIFF to 8 bits; the header still says what the photographer had.
+    if im.format == "PNG":
+        with open(path, "rb") as f:
+            head = f.read(25)
+        return len(head) == 25 and head[12:16] == b"IHDR" and head[24] == 16
+    if im.format == "TIFF":
+        bps = im.tag_v2.get(258)
+        return bool(bps) and max(bps if isinstance(bps, tuple) else (bps,)) == 16
+    return False
+
+
+def _iptc(im: Image.Image) -> dict | None:
+    from PIL import IptcImagePlugin
+
+    try:
+        return IptcImagePlugin.getiptcinfo(im) or None
+    except (OSError, SyntaxError, ValueError, IndexError):
+        return None
+
+
+def _pixels(im: Image.Image, icc: bytes | None) -> tuple[np.ndarray, np.ndarray | None]:
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):  # 16-bit (or wider) grayscale: keep 16 bits
+        a = np.asarray(im)
+        g = (a.astype(np.float64).clip(0, 65535) if mode != "F" else (a.clip(0, 1) * 65535)).round().astype(np.uint16)
+        return np.repeat(g[:, :, None], 3, axis=2), None
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info) \
+        or (mode in ("L", "RGB") and "transparency" in im.info)
+    im = im.convert("RGBA" if has_alpha else ("CMYK" if mode == "CMYK" else "RGB"))
+    im = _to_srgb(im, icc)
+    if im.mode == "CMYK":
+        im = im.convert("RGB")
+    a = np.asarray(im)
+    return np.ascontiguousarray(a[:, :, :3]), (np.ascontiguousarray(a[:, :, 3]) if has_alpha else None)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def _quantize(x: np.ndarray, bits: int) -> np.ndarray:
+    x = np.asarray(x)
+    top = 255 if bits == 8 else 65535
+    if x.dtype == np.uint8:
+        return x if bits == 8 else x.astype(np.uint16) * 257
+    if x.dtype == np.uint16:
+        return x if bits == 16 else (x.astype(np.float32) / 257).round().astype(np.uint8)
+    v = (np.asarray(x, np.float32).clip(0, 1) * top).round()  # float input is [0, 1]
+    return v.astype(np.uint8 if bits == 8 else np.uint16)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _itxt(key: str, text: str) -> bytes:
+    return _chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8"))
+
+
+def _png16(f, px: np.ndarray, icc: bytes | None, exif: bytes | None, texts: dict[str, str]) -> None:
+    """A 16-bit RGB(A) PNG, which Pillow cannot write: IHDR, iCCP, eXIf, iTXt, one zlib IDAT, IEND."""
+    h, w, c = px.shape
+    f.write(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 6 if c == 4 else 2, 0, 0, 0)))
+    if icc:
+        f.write(_chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(icc)))
+    if exif:
+        f.write(_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\0\0") else exif))
+    for k, v in texts.items():
+        f.write(_itxt(k, v))
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), px.astype(">u2").view(np.uint8).reshape(h, -1)], axis=1)
+    f.write(_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + _chunk(b"IEND", b""))
+
+
+def _tiff16(f, px: np.ndarray, icc: bytes | None, texts: dict[int, bytes]) -> None:
+    """A 16-bit RGB(A) little-endian baseline TIFF (one uncompressed strip), which Pillow cannot write."""
+    h, w, c = px.shape
+    data = px.astype("<u2").tobytes()
+    extra: list[tuple[int, int, int, bytes]] = []  # tag, type, count, payload (written after the IFD)
+    bps = struct.pack("<" + "H" * c, *([16] * c))
+    extra.append((258, 3, c, bps))
+    for tag, payload in sorted({**texts, **({34675: icc} if icc else {})}.items()):
+        extra.append((tag, 2 if tag in (270, 305) else 7, len(payload), payload))
+    entries = [(256, 4, 1, w), (257, 4, 1, h), (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, 0), (277, 3, 1, c),
+               (278, 4, 1, h), (279, 4, 1, len(data)), (284, 3, 1, 1)] + ([(338, 3, 1, 2)] if c == 4 else [])
+    n = len(entries) + len(extra)
+    offset = 8 + 2 + 12 * n + 4
+    blobs, table = b"", []
+    for tag, typ, count, payload in extra:
+        if len(payload) <= 4:
+            table.append((tag, typ, count, payload.ljust(4, b"\0")))
+        else:
+            table.append((tag, typ, count, struct.pack("<I", offset + len(blobs))))
+            blobs += payload + (b"\0" if len(payload) % 2 else b"")
+    data_offset = offset + len(blobs)
+    for tag, typ, count, value in entries:
+        value = data_offset if tag == 273 else value
+        table.append((tag, typ, count, struct.pack("<I" if typ == 4 else "<HH", *((value,) if typ == 4 else (value, 0)))))
+    table.sort()
+    f.write(b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", n))
+    for tag, typ, count, value in table:
+        f.write(struct.pack("<HHI", tag, typ, count) + value)
+    f.write(struct.pack("<I", 0) + blobs + data)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, overwrite: bool = False) -> Iterator[Any]:
+    """A binary file object whose content appears at `path` only if the block completes.
+
+    The temporary file lives in the destination folder (so `os.replace` is atomic) and is removed on any failure,
+    including KeyboardInterrupt.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ImageError(f"{path}: already exists (not overwritten)")
+    if not path.parent.is_dir():
+        raise ImageError(f"{path}: output folder {path.parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot write to {path.parent} ({_reason(e)})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise ImageError(f"{path}: write failed ({_reason(e)})") from None
+        raise
+
+
+def save_image(path: str | Path, rgb: np.ndarray, *, bits: int = 8, format: str | None = None,
+               jpeg_quality: int = 95, alpha: np.ndarray | None = None, icc: str | bytes | None = "srgb",
+               exif: bytes | None = None, xmp: bytes | None = None, provenance: dict | None = None,
+               overwrite: bool = False) -> Path:
+    """Write H x W x 3 pixels (uint8, uint16, or float in [0, 1]) atomically.
+
+    `format` defaults to the extension's. `alpha` (H x W) is stored where the format can (PNG, TIFF, WebP) and
+    composited on white for JPEG. `icc`: "srgb" embeds sRGB (our pixels are sRGB), None embeds nothing, bytes
+    converts the 8-bit pixels from sRGB into that profile and embeds it. `exif`/`xmp` from the input are carried
+    over with orientation reset to 1 and the new size; `provenance` is embedded as described in io.metadata.
+    """
+    path = Path(path)
+    fmt = (format or WRITE_FORMATS.get(path.suffix.lower(), "")).upper()
+    fmt = {"JPG": "JPEG", "TIF": "TIFF"}.get(fmt, fmt)
+    if fmt not in set(WRITE_FORMATS.values()):
+        raise ImageError(f"{path}: cannot write format {format or path.suffix!r} (use .png, .tif, .jpg or .webp)")
+    if bits not in (8, 16) or (bits == 16 and fmt not in ("PNG", "TIFF")):
+        raise ImageError(f"{path}: {fmt} cannot store {bits}-bit pixels (16-bit needs PNG or TIFF)")
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"save_image needs H x W x 3 pixels, got shape {rgb.shape}")
+    h, w = rgb.shape[:2]
+    if alpha is not None and np.asarray(alpha).shape != (h, w):
+        raise ValueError(f"alpha shape {np.asarray(alpha).shape} does not match the image {(h, w)}")
+    px = _quantize(rgb, bits)
+    a = None if alpha is None else _quantize(alpha, bits)
+    if fmt == "JPEG" and a is not None:  # JPEG has no alpha: composite on white as the official HWC3 does
+        af = a.astype(np.float32)[:, :, None] / 255
+        px = (px.astype(np.float32) * af + 255 * (1 - af)).clip(0, 255).astype(np.uint8)
+        a = None
+    profile = None if icc is None else (ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+                                        if icc == "srgb" else icc)
+    if isinstance(icc, bytes):
+        if bits == 16:
+            raise ImageError(f"{path}: converting to a custom ICC profile is supported for 8-bit output only")
+        try:
+            conv = ImageCms.profileToProfile(Image.fromarray(px, "RGB"), ImageCms.createProfile("sRGB"),
+                                             ImageCms.ImageCmsProfile(io.BytesIO(icc)), outputMode="RGB")
+        except ImageCms.PyCMSError as e:
+            raise ImageError(f"{path}: invalid ICC profile ({e})") from None
+        px = np.asarray(conv)
+    exif_out = metadata.exif_bytes(exif, provenance, (w, h)) if (exif or provenance) else None
+    xmp_out = metadata.xmp_packet(provenance, xmp) if provenance else xmp
+    with atomic_write(path, overwrite) as f:
+        full = px if a is None else np.concatenate([px, a[:, :, None]], axis=2)
+        if bits == 16 and fmt == "PNG":
+            texts = {}
+            if provenance:
+                texts = {metadata.KEY: metadata.to_json(provenance), "Description": metadata.NOTICE,
+                         "Software": metadata.software(provenance)}
+            if xmp_out:
+                texts["XML:com.adobe.xmp"] = xmp_out.decode("utf-8")
+            _png16(f, full, profile, exif_out, texts)
+        elif bits == 16:
+            tags = {700: xmp_out} if xmp_out else {}
+            if provenance:
+                tags.update({270: metadata.NOTICE.encode() + b"\0", 305: metadata.software(provenance).encode() + b"\0"})
+            _tiff16(f, full, profile, tags)
+        else:
+            _save_pillow(f, Image.fromarray(full, "RGBA" if a is not None else "RGB"), fmt, jpeg_quality, profile,
+                         exif_out, xmp_out, provenance)
+    return path
+
+
+def _save_pillow(f, im: Image.Image, fmt: str, quality: int, icc: bytes | None, exif: bytes | None,
+                 xmp: bytes | None, prov: dict | None) -> None:
+    kw: dict[str, Any] = {}
+    if icc:
+        kw["icc_profile"] = icc
+    if exif:
+        kw["exif"] = exif
+    if fmt == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        if prov:
+            info.add_itxt(metadata.KEY, metadata.to_json(prov))
+            info.add_itxt("Description", metadata.NOTICE)
+            info.add_itxt("Software", metadata.software(prov))
+        if xmp:
+            info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8"))
+        kw["pnginfo"] = info
+    elif fmt == "TIFF":
+        from PIL.TiffImagePlugin import ImageFileDirectory_v2
+
+        tags = ImageFileDirectory_v2()
+        if xmp:
+            tags[700] = xmp
+        if prov:
+            tags[270], tags[305] = metadata.NOTICE, metadata.software(prov)
+        kw.update(tiffinfo=tags, compression="tiff_deflate")
+    else:
+        kw.update(quality=quality)
+        if xmp:
+            kw["xmp"] = xmp
+        if fmt == "JPEG":
+            kw["subsampling"] = 0 if quality >= 90 else 2
+        else:
+            kw["exact"] = True  # keep colour under transparent pixels: the alpha is carried, not baked in
+    im.save(f, format=fmt, **kw)

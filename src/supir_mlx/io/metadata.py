@@ -1,0 +1,143 @@
+"""Provenance: every output says it is a SUPIR generative reconstruction and carries the settings that made it.
+
+The full record is a JSON object. It is written where each format allows (PNG iTXt, XMP for every format, EXIF
+ImageDescription + UserComment for JPEG/WebP/TIFF) and read back by `read_provenance`, so `supir-mlx info` can
+show it and `restore --settings-from FILE` can repeat the run.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+KEY = "supir-mlx"
+NOTICE = ("Generative reconstruction made with SUPIR (supir-mlx): detail was synthesised by a diffusion model; "
+          "this is not a recovered record of the original scene.")
+XMP_NS = "https://github.com/supir-mlx/supir-mlx/ns/1.0/"
+
+_EXIF_IFD, _DESCRIPTION, _SOFTWARE, _ORIENTATION, _USER_COMMENT = 0x8769, 0x010E, 0x0131, 0x0112, 0x9286
+_PIXEL_X, _PIXEL_Y = 0xA002, 0xA003
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("supir-mlx")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def make_provenance(settings: dict[str, Any], *, model: str, base_checkpoint: str, caption: str | None,
+                    seed: int, source: str | None = None) -> dict[str, Any]:
+    """The record embedded in an output: notice, generator, model, base, caption, seed and every setting."""
+    return {
+        "notice": NOTICE,
+        "generator": f"supir-mlx {_version()}",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "base_checkpoint": base_checkpoint,
+        "caption": caption,
+        "seed": seed,
+        "source": source,
+        "settings": settings,
+    }
+
+
+def to_json(prov: dict[str, Any]) -> str:
+    # ASCII-only so the same text is valid in EXIF UserComment (ASCII charset), PNG iTXt and XMP.
+    return json.dumps(prov, ensure_ascii=True, sort_keys=True, separators=(",", ":"))
+
+
+def software(prov: dict[str, Any]) -> str:
+    return prov.get("generator") or f"supir-mlx {_version()}"
+
+
+def xmp_packet(prov: dict[str, Any], existing: bytes | str | None = None) -> bytes:
+    """An XMP packet with our description and record; an input packet is kept, orientation reset to 1."""
+    ours = (f'<rdf:Description rdf:about="" xmlns:supir="{XMP_NS}" xmlns:dc="http://purl.org/dc/elements/1.1/">'
+            f'<supir:Provenance>{html.escape(to_json(prov), quote=False)}</supir:Provenance>'
+            f'<dc:description><rdf:Alt><rdf:li xml:lang="x-default">{html.escape(NOTICE)}</rdf:li></rdf:Alt>'
+            '</dc:description></rdf:Description>')
+    text = existing.decode("utf-8", "replace") if isinstance(existing, bytes) else existing
+    if text and "</rdf:RDF>" in text and "<supir:Provenance>" not in text:
+        # The pixels are already rotated, so a carried-over orientation would rotate them twice.
+        text = re.sub(r'tiff:Orientation="\d"', 'tiff:Orientation="1"', text)
+        text = re.sub(r"<tiff:Orientation>\d</tiff:Orientation>", "<tiff:Orientation>1</tiff:Orientation>", text)
+        return text.replace("</rdf:RDF>", ours + "</rdf:RDF>", 1).encode("utf-8")
+    return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/">'
+            '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            f'{ours}</rdf:RDF></x:xmpmeta><?xpacket end="w"?>').encode("utf-8")
+
+
+def exif_bytes(existing: bytes | None, prov: dict[str, Any] | None, size: tuple[int, int]) -> bytes:
+    """The input's EXIF with orientation reset to 1, the new pixel size, and our description/record."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    if existing:
+        exif.load(existing)
+    exif[_ORIENTATION] = 1
+    ifd = exif.get_ifd(_EXIF_IFD)
+    if _PIXEL_X in ifd or _PIXEL_Y in ifd or prov:
+        ifd[_PIXEL_X], ifd[_PIXEL_Y] = size
+    if prov:
+        exif[_DESCRIPTION] = NOTICE
+        exif[_SOFTWARE] = software(prov)
+        ifd[_USER_COMMENT] = b"ASCII\0\0\0" + to_json(prov).encode("ascii")
+    return exif.tobytes()
+
+
+def _from_json(text: str | bytes | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) and "notice" in value else None
+
+
+def _from_xmp(xmp: bytes | str | None) -> dict[str, Any] | None:
+    if isinstance(xmp, bytes):
+        xmp = xmp.decode("utf-8", "replace")
+    m = re.search(r"<supir:Provenance>(.*?)</supir:Provenance>", xmp or "", re.S)
+    return _from_json(html.unescape(m.group(1))) if m else None
+
+
+def _from_exif(exif) -> dict[str, Any] | None:
+    comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    if isinstance(comment, bytes) and comment[:8] == b"ASCII\0\0\0":
+        comment = comment[8:]
+    return _from_json(comment)
+
+
+def read_provenance(path: str | Path) -> dict[str, Any] | None:
+    """The record embedded by supir-mlx, or None when the file has none. Reads headers only."""
+    from PIL import Image
+
+    from .images import ImageError, open_header
+
+    with open_header(path) as im:
+        try:
+            found = _from_json(getattr(im, "text", {}).get(KEY)) if im.format == "PNG" else None
+            xmp = im.info.get("xmp") or (im.tag_v2.get(700) if im.format == "TIFF" else None)
+            return found or _from_xmp(xmp) or _from_exif(im.getexif())
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ImageError(f"{path}: unreadable metadata ({e})") from None
+
+
+def settings_from_file(path: str | Path) -> dict[str, Any]:
+    """The settings of the run that made `path` (for `restore --settings-from`)."""
+    from .images import ImageError
+
+    prov = read_provenance(path)
+    if not prov or not isinstance(prov.get("settings"), dict):
+        raise ImageError(f"{path}: no supir-mlx settings found (not an output of supir-mlx, or metadata stripped)")
+    return dict(prov["settings"])
