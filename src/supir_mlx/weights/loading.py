@@ -135,7 +135,7 @@ def plan(
 
 def convert_tensor(key: str, value: np.ndarray, target_shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
     """One official tensor as an evaluated MLX array in MLX layout; floats are cast to `dtype`."""
-    arr = mx.array(np.ascontiguousarray(to_mlx_layout(key, np.asarray(value), target_shape)))
+    arr = mx.array(np.asarray(to_mlx_layout(key, np.asarray(value), target_shape), order="C"))
     if mx.issubdtype(arr.dtype, mx.floating):
         arr = arr.astype(dtype)
     mx.eval(arr)  # now, so the float32/source copy is freed before the next tensor
