@@ -17,6 +17,7 @@ COMMANDS = {
     "convert": ("supir_mlx.cli.convert", "convert"),
     "convert-llava": ("supir_mlx.cli.caption", "convert_llava"),
     "download": ("supir_mlx.cli.download", "download"),
+    "info": ("supir_mlx.cli.info", "info"),
 }
 
 

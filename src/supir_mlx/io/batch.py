@@ -1,0 +1,145 @@
+"""Batches of photos: collect inputs, plan outputs, run each item, survive failures and Ctrl-C, resume.
+
+    items = plan_outputs(collect_inputs(["scans/"], recursive=True), "restored/")
+    summary = run_batch(items, lambda item: restore_one(item.input, item.output))
+    print(summary.line())
+
+`process_fn(item)` must write `item.output` itself (atomically, e.g. with `io.images.save_image`); `run_batch`
+never writes. A second run with the same plan skips every output that exists, so an interrupted batch resumes.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .images import INPUT_EXTENSIONS, ImageError
+
+DEFAULT_PATTERN = "{stem}_supir{ext}"
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    index: int  # 1-based position in the batch
+    input: Path
+    output: Path
+
+
+@dataclass
+class BatchSummary:
+    done: list[BatchItem] = field(default_factory=list)
+    skipped: list[tuple[BatchItem, str]] = field(default_factory=list)
+    failed: list[tuple[BatchItem, str]] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.interrupted
+
+    def line(self) -> str:
+        s = f"{len(self.done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed"
+        return s + (" (interrupted: run the same command again to resume)" if self.interrupted else "")
+
+
+def _supported(p: Path) -> bool:
+    return p.suffix.lower() in INPUT_EXTENSIONS and not p.name.startswith(".")
+
+
+def collect_inputs(sources: Iterable[str | Path], recursive: bool = False) -> list[Path]:
+    """Files, folders (optionally recursive) and glob patterns -> supported image files, deduplicated, in order.
+
+    A path that does not exist (and matches nothing as a glob) is an ImageError; so is a named file with an
+    unsupported extension. Files inside folders with other extensions are silently left out.
+    """
+    found: list[Path] = []
+    for src in sources:
+        p = Path(src)
+        if p.is_dir():
+            walk = p.rglob("*") if recursive else p.iterdir()
+            found += sorted((q for q in walk if q.is_file() and _supported(q)), key=lambda q: str(q).lower())
+        elif p.is_file():
+            if not _supported(p):
+                raise ImageError(f"{p}: unsupported file type {p.suffix or '(none)'} "
+                                 f"(supported: {', '.join(sorted(INPUT_EXTENSIONS))})")
+            found.append(p)
+        elif glob.has_magic(str(src)):
+            matches = [Path(m) for m in sorted(glob.glob(str(src), recursive=recursive))]
+            found += [m for m in matches if m.is_file() and _supported(m)]
+            if not matches:
+                raise ImageError(f"{src}: no files match this pattern")
+        else:
+            raise ImageError(f"{p}: no such file or folder")
+    seen, unique = set(), []
+    for f in found:
+        key = os.path.realpath(f)
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def plan_outputs(inputs: list[Path], output_dir: str | Path | None = None, pattern: str = DEFAULT_PATTERN,
+                 ext: str | None = None) -> list[BatchItem]:
+    """One output path per input from `pattern` ({stem}, {ext}, {parent}, {index}; e.g. "{stem}_supir{ext}").
+
+    `output_dir` None puts each output next to its input. `ext` (".png", ".tif" ...) replaces the input's. An
+    output that would equal an input, or another output, is refused with an ImageError rather than overwrite it.
+    """
+    items, taken = [], {os.path.realpath(p) for p in inputs}
+    outs: set[str] = set()
+    for i, src in enumerate(inputs, 1):
+        try:
+            name = pattern.format(stem=src.stem, ext=ext or src.suffix, parent=src.parent.name, index=i)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ImageError(f"output pattern {pattern!r}: unknown placeholder {e} "
+                             "(use {stem}, {ext}, {parent}, {index})") from None
+        if not Path(name).suffix:
+            name += ext or src.suffix
+        out = (Path(output_dir) if output_dir is not None else src.parent) / name
+        key = os.path.realpath(out)
+        if key in taken:
+            raise ImageError(f"{src}: output {out} would overwrite an input; choose another pattern or folder")
+        if key in outs:
+            raise ImageError(f"{src}: output {out} is also the output of another input; add {{parent}} or "
+                             "{index} to the pattern")
+        outs.add(key)
+        items.append(BatchItem(i, src, out))
+    return items
+
+
+def run_batch(items: list[BatchItem], process_fn: Callable[[BatchItem], object], *, overwrite: bool = False,
+              on_event: Callable[[str, BatchItem, str], None] | None = None) -> BatchSummary:
+    """Run `process_fn` on each item; one failure never stops the others.
+
+    Existing outputs are skipped unless `overwrite` (that is how a second run resumes). An exception from
+    `process_fn` is recorded as a one-line reason and the batch goes on. Ctrl-C stops after the current item has
+    been abandoned (the atomic writer leaves no partial file) and returns the summary with `interrupted` set.
+    `on_event(kind, item, detail)` is called with kind in {"start", "done", "skip", "fail"} for progress output.
+    """
+    summary = BatchSummary()
+    notify = on_event or (lambda *_: None)
+    for item in items:
+        if item.output.exists() and not overwrite:
+            summary.skipped.append((item, "output exists"))
+            notify("skip", item, "output exists")
+            continue
+        notify("start", item, "")
+        try:
+            item.output.parent.mkdir(parents=True, exist_ok=True)
+            process_fn(item)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            break
+        except Exception as e:  # noqa: BLE001 - any failure of one photo must not stop the batch
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if not isinstance(e, ImageError):
+                reason = f"{item.input}: {reason}"
+            summary.failed.append((item, reason))
+            notify("fail", item, reason)
+            continue
+        summary.done.append(item)
+        notify("done", item, "")
+    return summary
