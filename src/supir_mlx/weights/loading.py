@@ -96,8 +96,9 @@ def to_mlx_layout(key: str, value: np.ndarray, target_shape: tuple[int, ...]) ->
 
 
 def _shape(weights: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
-    if isinstance(weights, (Checkpoint, WeightSet)):
-        return weights.shape(key)
+    # Checkpoints and WeightSets (and any mapping with a `shape(key)` method) answer without a read.
+    if callable(getattr(weights, "shape", None)):
+        return tuple(weights.shape(key))
     return tuple(np.shape(weights[key]))
 
 
