@@ -97,7 +97,7 @@ def open_header(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Itera
     except ImageError:
         raise
     except Image.DecompressionBombError:
-        raise ImageError(f"{path}: image dimensions exceed the limit of {max_pixels:,} pixels (refused before "
+        raise ImageError(f"{path}: image size exceeds the limit of {max_pixels:,} pixels (refused before "
                          "decoding)") from None
     except UnidentifiedImageError:
         kinds = "JPEG, PNG, TIFF, WebP" + (", HEIC" if ".heic" in INPUT_EXTENSIONS else "")
