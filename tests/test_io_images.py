@@ -30,8 +30,8 @@ def _one_line(e):
                                                (".tif", 16, True), (".jpg", 8, False), (".webp", 8, False)])
 def test_roundtrip_formats_with_provenance(tmp_path, ext, bits, lossless):
     # lossy codecs are judged on a smooth photo-like gradient; lossless ones must return noise bit-exactly
-    px = PX if lossless else np.stack(np.meshgrid(np.linspace(0, 255, 36), np.linspace(40, 200, 24))
-                                      + [np.full((24, 36), 128.0)], axis=2).astype(np.uint8)
+    px = PX if lossless else np.stack([*np.meshgrid(np.linspace(0, 255, 36), np.linspace(40, 200, 24)),
+                                      np.full((24, 36), 128.0)], axis=2).astype(np.uint8)
     out = save_image(tmp_path / f"o{ext}", px, bits=bits, provenance=PROV)
     back = load_image(out)
     assert back.rgb.shape == px.shape and back.bits == bits
