@@ -98,6 +98,15 @@ def quantize(model: nn.Module, spec: QuantSpec) -> nn.Module:
     return model
 
 
+def materialize(model: nn.Module) -> None:
+    """Evaluate the parameters one leaf module at a time: full-precision inputs of a lazy quantization
+    (random or mapped from disk) are then freed layer by layer instead of all being alive at once."""
+    for _, m in model.named_modules():
+        if not m.children() or isinstance(m, (nn.QuantizedLinear, QuantizedConv2d)):
+            mx.eval(m.parameters())
+    mx.eval(model.parameters())
+
+
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes of all parameters as stored (quantized weights, scales and biases included); lazy, nothing evaluated."""
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))

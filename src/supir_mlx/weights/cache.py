@@ -1,0 +1,157 @@
+"""Converted MLX weights, made once per set of source checkpoints and reused by every later run.
+
+    <SUPIR_MLX_HOME or ~/.cache/supir-mlx>/models/<slot>-<key>/
+
+`slot` names what was asked for (source file names, dtype, quantization); `key` hashes everything
+that decides the bytes inside: each source's name, size and sampled-content fingerprint
+(convert.fingerprint: 16 blocks of 64 KiB, so a 7 GB file is identified in milliseconds), the dtype,
+the quantization, and both format versions (this cache's and convert's). Any change gives a new key;
+when a new entry is made, older entries of the same slot are deleted, so a replaced checkpoint or a
+format bump never leaves stale gigabytes behind. An entry is built under a temporary name and renamed
+when complete; `entry.json`, written last, marks it valid.
+
+An unquantized entry is exactly a `supir-mlx convert` folder. A quantized entry holds the quantized
+model's parameters (`weights.safetensors`), its `config.json` and the QuantSpec; it is made from a
+temporary conversion, one module at a time, so the full-precision model is never in memory at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..config import SUPIRConfig
+from . import convert as conv
+from .quantize import QuantSpec, materialize, quantize
+
+CACHE_FORMAT = "supir-mlx-cache"
+CACHE_VERSION = 1
+ENTRY = "entry.json"
+QUANT_WEIGHTS = "weights.safetensors"
+
+
+class CacheError(ValueError):
+    """A cache entry that cannot be made or read (one line, says what to do)."""
+
+
+def cache_root() -> Path:
+    home = os.environ.get("SUPIR_MLX_HOME")
+    return (Path(home) if home else Path.home() / ".cache" / "supir-mlx") / "models"
+
+
+def _identity(path: Path) -> dict:
+    if not path.is_file():
+        raise CacheError(f"checkpoint not found: {path}")
+    return {"name": path.name, "bytes": path.stat().st_size, "fingerprint": conv.fingerprint(path)}
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def entry_dir(sources: Iterable[str | Path], dtype: str = "float16", quant: QuantSpec | None = None,
+              config: SUPIRConfig | None = None, root: Path | None = None) -> Path:
+    """Where the entry for these inputs lives (whether or not it exists yet)."""
+    sources = [Path(p) for p in sources]
+    asked = {"sources": [p.name for p in sources], "dtype": dtype, "quant": quant.to_dict() if quant else None}
+    identity = {
+        **asked,
+        "sources": [_identity(p) for p in sources],
+        "config": (config or SUPIRConfig.sdxl_v0()).to_dict(),
+        "versions": [CACHE_VERSION, conv.FORMAT_VERSION],
+    }
+    return (root or cache_root()) / f"{_digest(asked)[:8]}-{_digest(identity)[:16]}"
+
+
+def lookup(sources, dtype: str = "float16", quant: QuantSpec | None = None, config: SUPIRConfig | None = None,
+           root: Path | None = None) -> Path | None:
+    """The valid entry for these inputs, or None."""
+    d = entry_dir(sources, dtype, quant, config, root)
+    try:
+        entry = json.loads((d / ENTRY).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return d if entry.get("format") == CACHE_FORMAT and entry.get("version") == CACHE_VERSION else None
+
+
+def ensure(sources, dtype: str = "float16", quant: QuantSpec | None = None, config: SUPIRConfig | None = None,
+           root: Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """The entry for these inputs, converting (and quantizing) the checkpoints first if needed."""
+    sources = [Path(p) for p in sources]
+    found = lookup(sources, dtype, quant, config, root)
+    if found:
+        return found
+    d = entry_dir(sources, dtype, quant, config, root)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = d.parent / f".{d.name}.{os.getpid()}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"converting {', '.join(p.name for p in sources)} once into {d} (later runs load it directly)")
+    try:
+        if quant is None:
+            conv.convert(sources, tmp, config, dtype, log)
+        else:
+            full = tmp / "full"
+            conv.convert(sources, full, config, dtype, log)
+            model = _lazy_model(full)
+            quantize(model, quant)
+            materialize(model)
+            mx.save_safetensors(str(tmp / QUANT_WEIGHTS), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+            shutil.copy(full / conv.CONFIG, tmp / conv.CONFIG)
+            shutil.rmtree(full)
+            log(f"  quantized to {quant.bits} bits")
+        entry = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "dtype": dtype,
+                 "quant": quant.to_dict() if quant else None, "sources": [_identity(p) for p in sources]}
+        (tmp / ENTRY).write_text(json.dumps(entry, indent=1))
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
+    except conv.ConvertError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CacheError(str(e)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    slot = d.name.split("-")[0]
+    for old in d.parent.glob(f"{slot}-*"):
+        if old != d:
+            shutil.rmtree(old, ignore_errors=True)
+    return d
+
+
+def _lazy_model(directory: Path):
+    """The SUPIRModel of a convert folder with its weights mapped from disk but not read yet."""
+    from ..models.supir import SUPIRModel
+
+    manifest = conv.read_manifest(directory)
+    model = SUPIRModel(SUPIRConfig.load(directory / conv.CONFIG))
+    for shard in manifest["shards"]:
+        model.update(tree_unflatten(list(mx.load(str(directory / shard["file"])).items())))
+    return model
+
+
+def load(directory: str | Path):
+    """The SUPIRModel of a cache entry (quantized entries come back quantized), loaded strictly."""
+    from ..models.supir import SUPIRModel
+
+    directory = Path(directory)
+    try:
+        entry = json.loads((directory / ENTRY).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise CacheError(f"{directory} is not a complete supir-mlx cache entry; delete it to convert again") from None
+    spec = QuantSpec.from_dict(entry.get("quant"))
+    if spec is None:
+        return conv.load_converted(directory)
+    model = quantize(SUPIRModel(SUPIRConfig.load(directory / conv.CONFIG)), spec)
+    try:
+        model.load_weights(str(directory / QUANT_WEIGHTS), strict=True)
+    except (ValueError, RuntimeError) as e:
+        raise CacheError(f"{directory / QUANT_WEIGHTS}: {str(e).splitlines()[0]}; delete the folder to convert again") from None
+    mx.eval(model.parameters())
+    model.eval()
+    return model
