@@ -27,6 +27,8 @@ class Network(Protocol):
 
 @dataclass(frozen=True, eq=False)
 class Denoiser:
+    """DiscreteDenoiserWithControl with EpsScaling: the scalings are host-side float32 numpy, as officially."""
+
     sigmas: np.ndarray = field(default_factory=ddpm_sigmas)  # float32, ascending; index = DDPM timestep
 
     def index(self, sigma) -> np.ndarray:

@@ -78,6 +78,11 @@ def draws_noise(sigmas: np.ndarray, i: int) -> bool:
     return i > 0 and sigmas[i + 1] > 0
 
 
+def check_noise(noise: NoiseSource | None, sigmas: np.ndarray) -> None:
+    if noise is None and any(draws_noise(sigmas, i) for i in range(len(sigmas) - 1)):
+        raise ValueError("the DPM++ SDE sampler needs a noise source (3 steps or more)")
+
+
 def dpmpp_step(
     denoise: DenoiseFn,
     x: mx.array,
@@ -125,11 +130,9 @@ def sample_restore_dpmpp(
 
     `noise` stands in for the Brownian tree: one draw before each step 1..n-2 (see noise.py).
     """
-    steps = len(sigmas) - 1
-    if noise is None and steps > 2:
-        raise ValueError("the DPM++ SDE sampler needs a noise source")
+    check_noise(noise, sigmas)
     old_denoised = None
-    for i in range(steps):
+    for i in range(len(sigmas) - 1):
         eps = noise.next(x.shape, x.dtype) if draws_noise(sigmas, i) else None
         step = dpmpp_step(denoise, x, old_denoised, sigmas, i, options, eps)
         x, old_denoised = step.x_out, step.denoised

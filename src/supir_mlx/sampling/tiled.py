@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from .denoiser import DenoiseFn, Window, crop
-from .dpmpp import DPMStep, dpmpp_step, draws_noise
+from .dpmpp import DPMStep, check_noise, dpmpp_step, draws_noise
 from .edm import EDMStep, check_inputs, churn_gamma, edm_step
 from .noise import NoiseSource
 from .schedules import SamplerOptions
@@ -170,12 +170,10 @@ def sample_tiled_restore_dpmpp(
     One full-size noise draw per step 1..n-2, sliced per tile. Both x and denoised are blended: the
     next step's tiles read their old_denoised from the BLENDED denoised, not from their own.
     """
-    steps = len(sigmas) - 1
-    if noise is None and steps > 2:
-        raise ValueError("the DPM++ SDE sampler needs a noise source")
+    check_noise(noise, sigmas)
     blend = _Blender(tiling, x.shape, x.dtype)
     old_denoised = None
-    for i in range(steps):
+    for i in range(len(sigmas) - 1):
         eps = noise.next(x.shape, x.dtype) if draws_noise(sigmas, i) else None
         acc_x, acc_d = mx.zeros_like(x), mx.zeros_like(x)
         for j, win in enumerate(blend.windows):
