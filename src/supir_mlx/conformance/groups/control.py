@@ -16,10 +16,15 @@ def nchw(a: mx.array) -> np.ndarray:
     return np.array(a.astype(mx.float32)).transpose(0, 3, 1, 2)
 
 
-def control_model(ctx: Context):
-    from ...models.unet import GLVControl
+def controlled_unet(ctx: Context):
+    """The official `model` (UNet + control encoder), shared with the other network groups."""
+    from ...models.supir import ControlledUNet
 
-    return ctx.component("control_model", lambda: GLVControl(ctx.config().unet), "model.control_model.")
+    return ctx.component("controlled_unet", lambda: ControlledUNet(ctx.config()), "model.")
+
+
+def control_model(ctx: Context):
+    return controlled_unet(ctx).control_model
 
 
 def run(fixture: Fixture, ctx: Context) -> list[Comparison]:

@@ -5,14 +5,11 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .. import Comparison, Context, Fixture, compare
-from .control import nchw, nhwc
+from .control import controlled_unet, nchw, nhwc
 
 
 def diffusion_model(ctx: Context):
-    from ...models.unet import LightGLVUNet
-
-    cfg = ctx.config()
-    return ctx.component("diffusion_model", lambda: LightGLVUNet(cfg.unet, cfg.project), "model.diffusion_model.")
+    return controlled_unet(ctx).diffusion_model
 
 
 def run(fixture: Fixture, ctx: Context) -> list[Comparison]:
