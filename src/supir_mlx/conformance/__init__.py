@@ -248,22 +248,25 @@ def run_case(path: Path, ctx: Context) -> CaseResult:
     name = f"{group}/{path.stem}"
     try:
         handler = importlib.import_module(f"{__name__}.groups.{group}")
+        fixture = Fixture(ctx.root, path)
+        comparisons = handler.run(fixture, ctx)
     except ModuleNotFoundError as e:
         if e.name and e.name.endswith(f"groups.{group}"):
             return CaseResult(name, "NOT IMPLEMENTED", detail=f"no handler for group '{group}'")
-        raise
-    try:
-        fixture = Fixture(ctx.root, path)
-        comparisons = handler.run(fixture, ctx)
+        return _error(name, e)
     except CaseNotImplemented as e:
         return CaseResult(name, "NOT IMPLEMENTED", detail=str(e))
     except Exception as e:  # one broken case must not stop the others
-        tb = traceback.extract_tb(e.__traceback__)[-1]
-        return CaseResult(name, "ERROR", detail=f"{type(e).__name__}: {e} at {Path(tb.filename).name}:{tb.lineno}")
+        return _error(name, e)
     if not comparisons:
         return CaseResult(name, "ERROR", detail="handler compared nothing")
     status = "PASS" if all(c.ok for c in comparisons) else "FAIL"
     return CaseResult(name, status, comparisons)
+
+
+def _error(name: str, e: Exception) -> CaseResult:
+    tb = traceback.extract_tb(e.__traceback__)[-1]
+    return CaseResult(name, "ERROR", detail=f"{type(e).__name__}: {e} at {Path(tb.filename).name}:{tb.lineno}")
 
 
 def run(root: Path, select: Iterable[str] = (), rtol: float | None = None) -> Iterable[CaseResult]:
