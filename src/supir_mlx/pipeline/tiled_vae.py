@@ -247,3 +247,82 @@ def tiled_encode_with_denoise(vae: AutoencoderKL, x: mx.array, tile_size: int) -
 def tiled_decode(vae: AutoencoderKL, z: mx.array, tile_size: int) -> mx.array:
     """`vae.decode` with the decoder tiled; `tile_size` is in latent pixels."""
     return tiled_forward(vae.decoder, vae.decoder_input(z), tile_size).astype(mx.float32)
+
+
+# --- choosing tile sizes -------------------------------------------------------------------------
+# Peak memory model (bytes), calibrated with bench/bench_tiled_vae.py on the MLX CPU backend:
+#   held    = the state every tile keeps at the widest GroupNorm barrier: at full resolution, the
+#             activation plus its pending residual (decoder: upsampled c1 + shortcut c0 channels;
+#             encoder: c0 + c0), summed over the padded tiles (so the overlap counts);
+#   working = what one tile needs while it runs, TILE_COPIES full-resolution activations of the widest
+#             channel count (a 3x3 convolution unfolds its input 9x on the CPU backend), plus the
+#             attention scores of the mid block (queries are chunked to MAX_SCORE_ELEMENTS).
+# Untiled there is no held state, but one lazy graph over the whole image keeps far more alive than
+# a tile does (UNTILED_COPIES, measured). Smaller tiles shrink `working` but grow `held` (more
+# overlap), so the largest tile that fits is the best one. Re-measure both factors on Metal.
+TILE_COPIES = 12
+UNTILED_COPIES = 48
+ENCODER_TILES = (2048, 1536, 1024, 768, 512, 384, 256, 192, 128)  # image pixels
+DECODER_TILES = (256, 192, 160, 128, 96, 64, 48, 32, 24, 16)  # latent pixels
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Tile sizes for `tiled_encode*` (image pixels) and `tiled_decode` (latent pixels), with the
+    estimated peak bytes of each; a tile size >= the image side means the pass runs untiled."""
+
+    encoder_tile: int
+    decoder_tile: int
+    encoder_bytes: int
+    decoder_bytes: int
+    fits: bool
+
+
+def estimate_bytes(cfg, height: int, width: int, tile_size: int, is_decoder: bool, dtype_size: int) -> int:
+    """Estimated peak bytes of one tiled (or untiled) VAE pass over a height x width image."""
+    from ..models.layers import MAX_SCORE_ELEMENTS
+
+    c0 = cfg.ch * cfg.ch_mult[0]
+    c1 = cfg.ch * cfg.ch_mult[1] if len(cfg.ch_mult) > 1 else c0
+    f = cfg.downsample_factor
+    size = (height // f, width // f) if is_decoder else (height, width)
+    area_scale = f * f if is_decoder else 1  # input units -> full-resolution pixels
+    widest = c1 if is_decoder else c0
+    barrier = (c1 + c0) if is_decoder else 2 * c0
+    if needs_tiling(*size, tile_size, is_decoder):
+        tiles, _ = split_tiles(*size, tile_size, is_decoder)
+        areas = [(t.src[1] - t.src[0]) * (t.src[3] - t.src[2]) * area_scale for t in tiles]
+        held = barrier * sum(areas) * dtype_size
+        tile_px = max(areas)
+    else:
+        held, tile_px = 0, height * width
+    tokens = tile_px // (f * f)
+    scores = min(tokens * tokens, max(MAX_SCORE_ELEMENTS, tokens)) * 4
+    copies = TILE_COPIES if held else UNTILED_COPIES
+    working = copies * widest * tile_px * dtype_size + scores
+    output = height * width * 3 * 4 if is_decoder else tokens * 2 * cfg.z_channels * 4
+    return held + working + output
+
+
+def plan_tiles(cfg, height: int, width: int, budget_bytes: int, dtype_size: int = 4) -> TilePlan:
+    """Largest encoder and decoder tiles whose estimated peak fits `budget_bytes` for this image.
+
+    Untiled is chosen when it fits (it is exact and fastest). When even the smallest tile does not
+    fit, the smallest tiles are returned with `fits=False`, so a memory plan can refuse the job
+    before any work starts.
+    """
+    if height < 1 or width < 1 or budget_bytes <= 0:
+        raise ValueError(f"need a positive image size and budget, got {height}x{width}, {budget_bytes} bytes")
+    side = max(height, width)
+    f = cfg.downsample_factor
+
+    def pick(candidates: tuple[int, ...], untiled: int, is_decoder: bool) -> tuple[int, int, bool]:
+        for tile in (untiled,) + tuple(t for t in candidates if t < untiled):
+            need = estimate_bytes(cfg, height, width, tile, is_decoder, dtype_size)
+            if need <= budget_bytes:
+                return tile, need, True
+        return tile, need, False
+
+    enc, enc_bytes, enc_fits = pick(ENCODER_TILES, side, False)
+    dec, dec_bytes, dec_fits = pick(DECODER_TILES, -(-side // f), True)
+    return TilePlan(enc, dec, enc_bytes, dec_bytes, enc_fits and dec_fits)

@@ -1,0 +1,74 @@
+"""Peak memory and time of the VAE decoder/encoder, untiled vs the official tiled VAE, random weights.
+
+    python bench/bench_tiled_vae.py --latent 48 --decoder-tile 16            # tiny VAE dims (fast on CPU)
+    python bench/bench_tiled_vae.py --full --latent 64 --decoder-tile 32      # SDXL VAE dims
+
+Prints measured peak (mx.get_peak_memory) next to the estimate of supir_mlx.pipeline.tiled_vae.plan_tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import mlx.core as mx
+
+from supir_mlx.config import VAEConfig
+from supir_mlx.models.vae import AutoencoderKL
+from supir_mlx.pipeline.tiled_vae import estimate_bytes, tiled_decode, tiled_encode_with_denoise
+
+TINY = VAEConfig(ch=32)
+
+
+def measure(label: str, fn, estimate: int) -> None:
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    t = time.perf_counter()
+    mx.eval(fn())
+    dt = time.perf_counter() - t
+    peak = mx.get_peak_memory() - base
+    print(f"{label:28s} {dt:7.2f} s   peak {peak / 2**20:8.1f} MiB   estimate {estimate / 2**20:8.1f} MiB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--full", action="store_true", help="SDXL VAE dimensions instead of the tiny ones")
+    ap.add_argument("--latent", type=int, default=48, help="latent side (image side = 8x)")
+    ap.add_argument("--decoder-tile", type=int, default=16)
+    ap.add_argument("--encoder-tile", type=int, default=128)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--skip-untiled", action="store_true")
+    args = ap.parse_args()
+    cfg = VAEConfig() if args.full else TINY
+    dtype = mx.bfloat16 if args.bf16 else mx.float32
+    vae = AutoencoderKL(cfg)
+    vae.set_dtype(dtype)
+    mx.eval(vae.parameters())
+    n = args.latent
+    z = mx.random.normal((1, n, n, cfg.embed_dim))
+    x = mx.random.uniform(-1, 1, (1, 8 * n, 8 * n, 3))
+    mx.eval(z, x)
+    size = dtype.size
+    print(f"VAE ch={cfg.ch} {dtype}, image {8 * n}x{8 * n}, latent {n}x{n}")
+    big = 1 << 30
+    if not args.skip_untiled:
+        measure("decode untiled", lambda: vae.decode(z), estimate_bytes(cfg, 8 * n, 8 * n, big, True, size))
+    measure(
+        f"decode tiled ({args.decoder_tile})",
+        lambda: tiled_decode(vae, z, args.decoder_tile),
+        estimate_bytes(cfg, 8 * n, 8 * n, args.decoder_tile, True, size),
+    )
+    if not args.skip_untiled:
+        measure("encode untiled", lambda: vae.encode_with_denoise(x), estimate_bytes(cfg, 8 * n, 8 * n, big, False, size))
+    measure(
+        f"encode tiled ({args.encoder_tile})",
+        lambda: tiled_encode_with_denoise(vae, x, args.encoder_tile),
+        estimate_bytes(cfg, 8 * n, 8 * n, args.encoder_tile, False, size),
+    )
+
+
+if __name__ == "__main__":
+    main()
