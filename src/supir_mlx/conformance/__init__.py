@@ -9,6 +9,7 @@ a module with `run(fixture, ctx) -> list[Comparison]`; a group without a handler
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import math
@@ -102,16 +103,25 @@ class Fixture:
             self.tensors: dict[str, np.ndarray] = {k: f.get_tensor(k) for k in f.keys()}
         self.meta: dict[str, Any] = {}
         for k, v in raw.items():
-            try:
-                self.meta[k] = json.loads(v)
-            except (json.JSONDecodeError, TypeError):
-                self.meta[k] = v
+            self.meta[k] = _decode_meta(v)
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self.tensors[key]
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
+
+
+def _decode_meta(v: str) -> Any:
+    """Metadata values are JSON or Python literals (the generator wrote some dicts with repr)."""
+    try:
+        return json.loads(v)
+    except (json.JSONDecodeError, TypeError):
+        pass
+    try:
+        return ast.literal_eval(v)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return v
 
 
 class Context:

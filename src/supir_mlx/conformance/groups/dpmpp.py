@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import CaseNotImplemented, Comparison, Context, Fixture, compare, compare_exact
+from .. import Comparison, Context, Fixture, compare, compare_exact
 from ...sampling.denoiser import DENOISER, DenoiseFn
 from ...sampling.dpmpp import dpmpp_coefficients, sample_restore_dpmpp
 from ...sampling.schedules import dpmpp_sigmas, initial_noise_scale, legacy_sigmas
@@ -103,7 +103,9 @@ def run(fixture: Fixture, ctx: Context) -> list[Comparison]:
     if name.startswith("dpmpp_sigmas"):
         return sigmas_case(fixture, 1e-6 if ctx.rtol_override is None else rtol)
     if name.startswith("dpmpp_pipeline_"):
-        raise CaseNotImplemented("a full-pipeline case (VAE, text encoders, sampler): run by the pipeline's handler")
+        from .pipeline import run_pipeline
+
+        return run_pipeline(fixture, ctx, "dpmpp", rtol)
     denoise = network_denoiser(fixture, ctx)
     if name.startswith("dpmpp_tiled_"):
         return tiled_case(fixture, denoise, rtol)

@@ -1,0 +1,259 @@
+"""The SUPIR restoration flow on tensors: the official `batchify_denoise` and `batchify_sample`.
+
+    x (LQ, [-1,1]) --denoise encoder--> _z --decoder--> x_stage1          (stage 1)
+    caption + a_prompt / n_prompt --CLIP-L + bigG--> c, uc                 (conditioning; control = _z)
+    noise * sqrt(1 + sigma_max^2) --restoration sampler (tiled)--> latent  (sampling)
+    latent --decoder--> image --colour fix toward x_stage1--> out          (decode)
+
+Every random draw comes from one NoiseSource in the official order: (1) the posterior sample of
+encode_first_stage(x_stage1), (2) the initial latent, (3) the sampler's per-step draws. Images are NHWC
+float32 in [-1, 1]; networks run in the dtype of their weights and hand back float32.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import mlx.core as mx
+
+from ..models.supir import Condition, SUPIRModel
+from ..sampling.denoiser import guided_denoiser
+from ..sampling.dpmpp import sample_restore_dpmpp
+from ..sampling.edm import sample_restore_edm
+from ..sampling.noise import NoiseSource
+from ..sampling.schedules import SamplerOptions, dpmpp_sigmas, initial_noise_scale, legacy_sigmas
+from ..sampling.tiled import Tiling, auto_tiling, sample_tiled_restore_dpmpp, sample_tiled_restore_edm
+from . import tiled_vae
+from .colorfix import adain_color_fix, wavelet_color_fix
+from .settings import RestoreSettings
+
+# progress(stage, done, total): called as work advances (stage names: "stage1", "sample", "decode").
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class VAETiles:
+    """VAE tile sizes (encoder: image pixels, decoder: latent pixels); None runs that pass untiled."""
+
+    encoder: int | None = None
+    decoder: int | None = None
+
+
+@dataclass
+class StageStats:
+    seconds: float = 0.0
+    peak_bytes: int = 0
+
+
+@dataclass
+class Trace:
+    """What a run measured and, when asked, the intermediate tensors (for conformance and debugging)."""
+
+    keep_tensors: bool = False
+    tensors: dict[str, mx.array] = field(default_factory=dict)
+    stages: dict[str, StageStats] = field(default_factory=dict)
+    steps: list = field(default_factory=list)
+
+    def keep(self, name: str, value: mx.array) -> None:
+        if self.keep_tensors:
+            self.tensors[name] = value
+
+    def stage(self, name: str) -> "_StageTimer":
+        return _StageTimer(self, name)
+
+
+class _StageTimer:
+    def __init__(self, trace: Trace, name: str):
+        self.trace, self.name = trace, name
+
+    def __enter__(self):
+        mx.reset_peak_memory()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        s = self.trace.stages.setdefault(self.name, StageStats())
+        s.seconds += time.perf_counter() - self.t0
+        s.peak_bytes = max(s.peak_bytes, mx.get_peak_memory())
+
+
+class _InDtype:
+    """Runs the control + diffusion networks in their weight dtype; the samplers keep float32 latents."""
+
+    def __init__(self, network, dtype: mx.Dtype):
+        self.network, self.dtype = network, dtype
+
+    def __call__(self, x: mx.array, timesteps: mx.array, cond: Condition, control_scale: float) -> mx.array:
+        return self.network(x.astype(self.dtype), timesteps, cond, control_scale).astype(mx.float32)
+
+
+def _dtype_of(module) -> mx.Dtype:
+    from mlx.utils import tree_flatten
+
+    for _, p in tree_flatten(module.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating):
+            return p.dtype
+    return mx.float32
+
+
+def _f32(x: mx.array) -> mx.array:
+    return x.astype(mx.float32)
+
+
+class SupirRunner:
+    """The official flow over one loaded SUPIRModel (reusable across images: no state between runs)."""
+
+    def __init__(self, model: SUPIRModel):
+        self.model = model
+        self.vae = model.first_stage_model
+        self.vae_dtype = _dtype_of(self.vae)
+        self.net_dtype = _dtype_of(model.model)
+
+    # ---------------------------------------------------------------------------------- VAE passes
+    def encode_with_denoise(self, x: mx.array, tiles: VAETiles) -> mx.array:
+        x = x.astype(self.vae_dtype)
+        if tiles.encoder and tiled_vae.needs_tiling(x.shape[1], x.shape[2], tiles.encoder, False):
+            return _f32(tiled_vae.tiled_encode_with_denoise(self.vae, x, tiles.encoder))
+        return _f32(self.vae.encode_with_denoise(x))
+
+    def encode_sample(self, x: mx.array, noise: mx.array, tiles: VAETiles) -> mx.array:
+        x = x.astype(self.vae_dtype)
+        if tiles.encoder and tiled_vae.needs_tiling(x.shape[1], x.shape[2], tiles.encoder, False):
+            return _f32(tiled_vae.tiled_encode(self.vae, x, tiles.encoder, noise))
+        return _f32(self.vae.encode(x, noise))
+
+    def decode(self, z: mx.array, tiles: VAETiles) -> mx.array:
+        z = z.astype(self.vae_dtype)
+        if tiles.decoder and tiled_vae.needs_tiling(z.shape[1], z.shape[2], tiles.decoder, True):
+            return _f32(tiled_vae.tiled_decode(self.vae, z, tiles.decoder))
+        return _f32(self.vae.decode(z))
+
+    def denoise_stage1(self, x: mx.array, tiles: VAETiles = VAETiles()) -> mx.array:
+        """Official `batchify_denoise`: decode(encode_with_denoise(x)), the cleaned stage-1 image."""
+        z = self.encode_with_denoise(x, tiles)
+        mx.eval(z)
+        out = self.decode(z, tiles)
+        mx.eval(out)
+        return out
+
+    # ------------------------------------------------------------------------------------ sampling
+    def sample(
+        self,
+        x: mx.array,
+        captions: list[str],
+        settings: RestoreSettings,
+        noise: NoiseSource,
+        *,
+        tiling: Tiling | None | str = "auto",
+        vae_tiles: VAETiles = VAETiles(),
+        batched_cfg: bool = True,
+        progress: Progress | None = None,
+        trace: Trace | None = None,
+    ) -> mx.array:
+        """Official `batchify_sample(x, captions, ...)`: the restored images [N,H,W,3] in [-1,1], not clamped.
+
+        x is [B,H,W,3]; with num_samples > 1 there must be one image, repeated num_samples times (as
+        officially, each sample gets its own noise). `tiling` "auto" tiles the latent only when it is
+        larger than one official 128-pixel tile; a Tiling forces it; None never tiles.
+        """
+        s = settings
+        trace = trace or Trace()
+        report = progress or (lambda *_: None)
+        if len(captions) != x.shape[0]:
+            raise ValueError(f"{len(captions)} captions for {x.shape[0]} images")
+        if s.num_samples > 1:
+            if x.shape[0] != 1:
+                raise ValueError("num_samples > 1 needs exactly one input image")
+            x = mx.repeat(x, s.num_samples, axis=0)
+            captions = captions * s.num_samples
+
+        with trace.stage("stage1"):
+            report("stage1", 0, 2)
+            z_lq = self.encode_with_denoise(x, vae_tiles)
+            mx.eval(z_lq)
+            report("stage1", 1, 2)
+            x_stage1 = self.decode(z_lq, vae_tiles)
+            mx.eval(x_stage1)
+            report("stage1", 2, 2)
+            # Draw (1): officially always drawn; the encode itself is only needed for restoration guidance.
+            posterior_noise = noise.next(z_lq.shape, mx.float32)
+            z_stage1 = None
+            if (s.sampler == "edm" and s.restore_cfg > 0) or trace.keep_tensors:
+                z_stage1 = self.encode_sample(x_stage1, posterior_noise, vae_tiles)
+                mx.eval(z_stage1)
+        trace.keep("_z", z_lq)
+        trace.keep("x_stage1", x_stage1)
+        if z_stage1 is not None:
+            trace.keep("z_stage1", z_stage1)
+
+        with trace.stage("condition"):
+            (c_ctx, c_vec), (uc_ctx, uc_vec) = self.model.conditioner.prepare_condition(
+                captions, s.positive_prompt, s.negative_prompt
+            )
+            d = self.net_dtype
+            cond = Condition(c_ctx.astype(d), c_vec.astype(d), z_lq.astype(d))
+            uncond = Condition(uc_ctx.astype(d), uc_vec.astype(d), z_lq.astype(d))
+            mx.eval(cond.crossattn, cond.vector, uncond.crossattn, uncond.vector)
+        for name, v in (("c_crossattn", c_ctx), ("c_vector", c_vec), ("uc_crossattn", uc_ctx), ("uc_vector", uc_vec)):
+            trace.keep(name, _f32(v))
+
+        with trace.stage("sample"):
+            latent = self._sample(z_lq, z_stage1, cond, uncond, s, noise, tiling, batched_cfg, report, trace)
+        trace.keep("samples_latent", latent)
+
+        with trace.stage("decode"):
+            report("decode", 0, 1)
+            decoded = self.decode(latent, vae_tiles)
+            mx.eval(decoded)
+            trace.keep("decoded_before_colorfix", decoded)
+            if s.color_fix == "wavelet":
+                out = wavelet_color_fix(decoded, x_stage1)
+            elif s.color_fix == "adain":
+                out = adain_color_fix(decoded, x_stage1)
+            else:
+                out = decoded
+            mx.eval(out)
+            report("decode", 1, 1)
+        trace.keep("out", out)
+        return out
+
+    def _sample(self, z_lq, z_stage1, cond, uncond, s, noise, tiling, batched_cfg, report, trace) -> mx.array:
+        options = SamplerOptions(
+            cfg=s.cfg, cfg_start=s.cfg_start, linear_cfg=s.linear_cfg, control_scale=s.control_scale,
+            control_start=s.control_start, linear_control=s.linear_control, restore_cfg=s.restore_cfg,
+            s_churn=s.s_churn, s_noise=s.s_noise, eta=s.eta,
+        )
+        x = noise.next(z_lq.shape, mx.float32) * initial_noise_scale()  # draw (2)
+        if tiling == "auto":
+            tiling = auto_tiling(z_lq.shape[1], z_lq.shape[2], s.tile_size or 128)
+            if tiling is not None and s.tile_stride:
+                tiling = replace(tiling, stride=s.tile_stride)
+        denoise = guided_denoiser(_InDtype(self.model.model, self.net_dtype), cond, uncond, batched=batched_cfg)
+        steps = s.steps
+        done = [0]
+        keep_step = trace.steps.append if trace.keep_tensors else (lambda _: None)
+
+        def on_step(step):
+            done[0] += 1
+            keep_step(step)
+            report("sample", done[0], steps)
+
+        if tiling is not None:
+            n_tiles = len(tiling.windows(z_lq.shape[1], z_lq.shape[2]))
+            tiles_done = [0]
+
+            def on_tile(_):
+                tiles_done[0] += 1
+                report("sample", tiles_done[0], steps * n_tiles)
+
+            if s.sampler == "edm":
+                return sample_tiled_restore_edm(
+                    denoise, x, legacy_sigmas(steps), options, tiling, z_stage1, noise, keep_step, on_tile
+                )
+            return sample_tiled_restore_dpmpp(
+                denoise, x, dpmpp_sigmas(steps), options, tiling, noise, keep_step, on_tile
+            )
+        if s.sampler == "edm":
+            return sample_restore_edm(denoise, x, legacy_sigmas(steps), options, z_stage1, noise, on_step)
+        return sample_restore_dpmpp(denoise, x, dpmpp_sigmas(steps), options, noise, on_step)
