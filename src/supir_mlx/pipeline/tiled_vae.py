@@ -260,7 +260,7 @@ def tiled_decode(vae: AutoencoderKL, z: mx.array, tile_size: int) -> mx.array:
 # Untiled there is no held state, but one lazy graph over the whole image keeps far more alive than
 # a tile does (UNTILED_COPIES, measured). Smaller tiles shrink `working` but grow `held` (more
 # overlap), so the largest tile that fits is the best one. Re-measure both factors on Metal.
-TILE_COPIES = 12
+TILE_COPIES = 16
 UNTILED_COPIES = 48
 ENCODER_TILES = (2048, 1536, 1024, 768, 512, 384, 256, 192, 128)  # image pixels
 DECODER_TILES = (256, 192, 160, 128, 96, 64, 48, 32, 24, 16)  # latent pixels
