@@ -97,7 +97,11 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm, linear proj_in, `depth` transformer blocks over the H*W tokens, proj_out, residual."""
+    """GroupNorm, proj_in, `depth` transformer blocks over the H*W tokens, proj_out, residual.
+
+    proj_in/proj_out are Linear; with `use_linear_in_transformer=False` the official 1x1 convs compute
+    the same per-pixel product and their weights load squeezed.
+    """
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, eps: float):
         super().__init__()
