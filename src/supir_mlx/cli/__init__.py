@@ -18,6 +18,7 @@ COMMANDS = {
     "convert-llava": ("supir_mlx.cli.caption", "convert_llava"),
     "download": ("supir_mlx.cli.download", "download"),
     "info": ("supir_mlx.cli.info", "info"),
+    "restore": ("supir_mlx.cli.restore", "restore"),
 }
 
 

@@ -51,13 +51,16 @@ class StageStats:
 class Trace:
     """What a run measured and, when asked, the intermediate tensors (for conformance and debugging)."""
 
-    keep_tensors: bool = False
+    keep: bool | tuple[str, ...] = False  # True: every intermediate and every step; or the names to keep
     tensors: dict[str, mx.array] = field(default_factory=dict)
     stages: dict[str, StageStats] = field(default_factory=dict)
     steps: list = field(default_factory=list)
 
-    def keep(self, name: str, value: mx.array) -> None:
-        if self.keep_tensors:
+    def wants(self, name: str) -> bool:
+        return self.keep is True or (isinstance(self.keep, tuple) and name in self.keep)
+
+    def store(self, name: str, value: mx.array) -> None:
+        if self.wants(name):
             self.tensors[name] = value
 
     def stage(self, name: str) -> "_StageTimer":
@@ -179,13 +182,13 @@ class SupirRunner:
             # Draw (1): officially always drawn; the encode itself is only needed for restoration guidance.
             posterior_noise = noise.next(z_lq.shape, mx.float32)
             z_stage1 = None
-            if (s.sampler == "edm" and s.restore_cfg > 0) or trace.keep_tensors:
+            if (s.sampler == "edm" and s.restore_cfg > 0) or trace.wants("z_stage1"):
                 z_stage1 = self.encode_sample(x_stage1, posterior_noise, vae_tiles)
                 mx.eval(z_stage1)
-        trace.keep("_z", z_lq)
-        trace.keep("x_stage1", x_stage1)
+        trace.store("_z", z_lq)
+        trace.store("x_stage1", x_stage1)
         if z_stage1 is not None:
-            trace.keep("z_stage1", z_stage1)
+            trace.store("z_stage1", z_stage1)
 
         with trace.stage("condition"):
             (c_ctx, c_vec), (uc_ctx, uc_vec) = self.model.conditioner.prepare_condition(
@@ -196,17 +199,17 @@ class SupirRunner:
             uncond = Condition(uc_ctx.astype(d), uc_vec.astype(d), z_lq.astype(d))
             mx.eval(cond.crossattn, cond.vector, uncond.crossattn, uncond.vector)
         for name, v in (("c_crossattn", c_ctx), ("c_vector", c_vec), ("uc_crossattn", uc_ctx), ("uc_vector", uc_vec)):
-            trace.keep(name, _f32(v))
+            trace.store(name, _f32(v))
 
         with trace.stage("sample"):
             latent = self._sample(z_lq, z_stage1, cond, uncond, s, noise, tiling, batched_cfg, report, trace)
-        trace.keep("samples_latent", latent)
+        trace.store("samples_latent", latent)
 
         with trace.stage("decode"):
             report("decode", 0, 1)
             decoded = self.decode(latent, vae_tiles)
             mx.eval(decoded)
-            trace.keep("decoded_before_colorfix", decoded)
+            trace.store("decoded_before_colorfix", decoded)
             if s.color_fix == "wavelet":
                 out = wavelet_color_fix(decoded, x_stage1)
             elif s.color_fix == "adain":
@@ -215,7 +218,7 @@ class SupirRunner:
                 out = decoded
             mx.eval(out)
             report("decode", 1, 1)
-        trace.keep("out", out)
+        trace.store("out", out)
         return out
 
     def _sample(self, z_lq, z_stage1, cond, uncond, s, noise, tiling, batched_cfg, report, trace) -> mx.array:
@@ -232,7 +235,7 @@ class SupirRunner:
         denoise = guided_denoiser(_InDtype(self.model.model, self.net_dtype), cond, uncond, batched=batched_cfg)
         steps = s.steps
         done = [0]
-        keep_step = trace.steps.append if trace.keep_tensors else (lambda _: None)
+        keep_step = trace.steps.append if trace.wants("steps") else (lambda _: None)
 
         def on_step(step):
             done[0] += 1

@@ -1,0 +1,290 @@
+"""`supir-mlx restore INPUT... [-o OUT]`: restore photos, folders and globs.
+
+A thin shell over `Restorer`: parse, resolve settings (preset < --settings-from < explicit options),
+plan memory, load once, run the batch (skip finished outputs, survive failures and Ctrl-C), print a summary.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+KNOBS = (
+    "upscale", "min_size", "sampler", "steps", "cfg", "cfg_start", "linear_cfg", "control_scale", "control_start",
+    "linear_control", "restore_cfg", "s_churn", "s_noise", "eta", "color_fix", "seed", "num_samples",
+    "positive_prompt", "negative_prompt", "model", "tile_size", "tile_stride", "vae_encoder_tile", "vae_decoder_tile",
+)
+OUTPUT_FORMATS = {"png": ".png", "tif": ".tif", "tiff": ".tif", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}
+
+
+class Fail(click.ClickException):
+    """One-line error, exit status 1, no traceback."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class ProgressBar:
+    """One line on stderr per stage: a bar, counts, elapsed time and ETA (tiles count as work units)."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label, self.enabled = label, enabled
+        self.stage, self.t0 = None, 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if stage != self.stage:
+            if self.stage is not None:
+                sys.stderr.write("\n")
+            self.stage, self.t0 = stage, now
+        elapsed = now - self.t0
+        frac = done / total if total else 1.0
+        eta = elapsed / done * (total - done) if done else 0.0
+        bar = "#" * int(frac * 24)
+        sys.stderr.write(f"\r  {self.label} {stage:7s} [{bar:24s}] {done}/{total}  {_clock(elapsed)} elapsed  ETA {_clock(eta)} ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.stage is not None:
+            sys.stderr.write("\n")
+            self.stage = None
+
+
+def _clock(s: float) -> str:
+    s = int(s + 0.5)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output folder (or file, for one input). Default: next to each input.")
+@click.option("--pattern", default="{stem}_supir{ext}", show_default=True, help="Output name: {stem} {ext} {parent} {index}.")
+@click.option("--format", "fmt", type=click.Choice(sorted(OUTPUT_FORMATS)), help="Output format (default: the input's).")
+@click.option("--bits", type=click.Choice(["8", "16"]), help="Bits per channel (16: PNG/TIFF; default: the input's).")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, show_default=True)
+@click.option("-r", "--recursive", is_flag=True, help="Look into sub-folders of input folders.")
+@click.option("--overwrite", is_flag=True, help="Redo outputs that already exist (default: skip them, which resumes a batch).")
+@click.option("--compare", is_flag=True, help="Also write a before/after image <name>_compare next to each output.")
+@click.option("--preset", type=click.Choice(["default", "quality", "fidelity", "lightning", "lightning-fidelity"]), default="default", show_default=True)
+@click.option("--settings-from", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Repeat the settings recorded in an earlier output.")
+# prompt
+@click.option("--prompt", help="Caption to use instead of LLaVA's (a sidecar <photo>.txt is used when present).")
+@click.option("--no-caption", is_flag=True, help="Restore without any caption.")
+@click.option("--positive-prompt", help="Text appended to the caption (official a_prompt).")
+@click.option("--negative-prompt", help="Negative prompt (official n_prompt).")
+# knobs
+@click.option("--upscale", type=float, help="Scale factor (default 1).")
+@click.option("--min-size", type=int, help="Minimum short side of the working image (default 1024).")
+@click.option("--sampler", type=click.Choice(["edm", "dpmpp"]))
+@click.option("--steps", type=int)
+@click.option("--cfg", type=float, help="Guidance scale (official s_cfg).")
+@click.option("--cfg-start", type=float, help="Guidance scale at the start of the linear ramp (spt_linear_CFG).")
+@click.option("--linear-cfg/--no-linear-cfg", default=None)
+@click.option("--control-scale", type=float, help="Control strength (s_stage2).")
+@click.option("--control-start", type=float, help="Control strength at the start of its ramp.")
+@click.option("--linear-control/--no-linear-control", default=None)
+@click.option("--restore-cfg", type=float, help="Restoration guidance toward the stage-1 latent (s_stage1; <= 0 off).")
+@click.option("--s-churn", type=float)
+@click.option("--s-noise", type=float)
+@click.option("--eta", type=float, help="DPM++ stochasticity.")
+@click.option("--color-fix", type=click.Choice(["wavelet", "adain", "none"]))
+@click.option("--seed", type=int)
+@click.option("--num-samples", type=int)
+@click.option("--model", type=click.Choice(["v0Q", "v0F"]), help="SUPIR checkpoint (v0F for light degradation).")
+@click.option("--tile-size", type=int, help="Sampler tile in latent pixels (default: automatic).")
+@click.option("--tile-stride", type=int)
+@click.option("--vae-encoder-tile", type=int, help="VAE encoder tile in image pixels (default: automatic).")
+@click.option("--vae-decoder-tile", type=int, help="VAE decoder tile in latent pixels (default: automatic).")
+# weights and memory
+@click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path), help="A folder written by `supir-mlx convert`.")
+@click.option("--sdxl", help="SDXL base checkpoint: local path or owner/repo/file (any SDXL fine-tune).")
+@click.option("--supir", help="SUPIR checkpoint: local path or owner/repo/file.")
+@click.option("--source", type=click.Choice(["pruned", "original"]), default="pruned", show_default=True, help="SUPIR file to download.")
+@click.option("--captioner", type=click.Choice(["13b", "7b", "none"]), default="13b", show_default=True)
+@click.option("--captioner-weights", type=click.Path(exists=True, file_okay=False, path_type=Path), help="A converted LLaVA folder.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Diffusion dtype (default: float16 on Metal, float32 on CPU).")
+@click.option("--vae-dtype", type=click.Choice(["bfloat16", "float32"]), help="VAE dtype (never float16).")
+@click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize the UNet and control encoder.")
+@click.option("--memory-limit", type=float, help="Memory budget in GB (default: what this machine recommends).")
+@click.option("--plan", "plan_only", is_flag=True, help="Print the memory plan for each input and exit.")
+@click.option("--offline", is_flag=True, help="Never contact the Hugging Face hub.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, preset, settings_from,
+            prompt, no_caption, weights, sdxl, supir, source, captioner, captioner_weights, dtype, vae_dtype, quantize,
+            memory_limit, plan_only, offline, quiet, **knobs) -> None:
+    """Restore photos (files, folders or glob patterns) with SUPIR.
+
+    Outputs are generative reconstructions: detail is synthesised, not recovered; every output says so in its
+    metadata. Inputs are never modified; outputs are written atomically and never replace an input.
+    """
+    from ..io.batch import collect_inputs, plan_outputs
+    from ..io.images import ImageError
+    from ..pipeline.settings import RestoreSettings, SettingsError, settings_for
+
+    try:
+        base: dict[str, Any] = {}
+        if settings_from:
+            from ..io.metadata import settings_from_file
+
+            base = {k: v for k, v in settings_from_file(settings_from).items() if k in KNOBS or k == "prompt"}
+            RestoreSettings.from_dict(base)  # unknown keys and bad values fail here, before any work
+        given = {k: v for k, v in knobs.items() if v is not None}
+        if no_caption and prompt is not None:
+            raise Fail("--prompt and --no-caption contradict each other")
+        settings = settings_for(preset, **{**base, **given})
+        sources = collect_inputs(inputs, recursive)
+        if not sources:
+            raise Fail("no images found in " + ", ".join(inputs))
+        out_dir, ext = output, OUTPUT_FORMATS.get(fmt) if fmt else None
+        single_file = output is not None and len(sources) == 1 and output.suffix.lower() in set(OUTPUT_FORMATS.values()) | {".jpeg", ".tiff"}
+        if single_file:
+            out_dir, pattern, ext = output.parent, output.name, ext or output.suffix
+        items = plan_outputs(sources, out_dir, pattern, ext)
+    except (ImageError, SettingsError, ValueError) as e:
+        raise Fail(str(e)) from None
+
+    if plan_only:
+        _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption or prompt is not None)
+        return
+
+    restorer = _load(weights, sdxl, supir, settings.model, source, captioner, captioner_weights, dtype, vae_dtype,
+                     quantize, memory_limit, offline, no_caption or prompt is not None)
+    progress = ProgressBar("", enabled=not quiet and sys.stderr.isatty())
+    totals: dict[str, list[float]] = {}
+
+    def process(item) -> None:
+        from ..io.images import load_image
+
+        loaded = load_image(item.input)
+        s = settings
+        if no_caption:
+            s = s.updated(prompt="")
+        elif prompt is not None:
+            s = s.updated(prompt=prompt)
+        elif (sidecar := item.input.with_suffix(".txt")).is_file():
+            s = s.updated(prompt=sidecar.read_text(encoding="utf-8", errors="replace").strip())
+        progress.label = item.input.name
+        t0 = time.perf_counter()
+        try:
+            result = restorer.restore(loaded.to_pil(), s, progress=progress)
+        finally:
+            progress.close()
+        for name, st in result.stages.items():
+            totals.setdefault(name, [0.0, 0])
+            totals[name][0] += st.seconds
+            totals[name][1] = max(totals[name][1], st.peak_bytes)
+        _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, compare)
+        click.echo(f"  {item.input} -> {item.output}  ({time.perf_counter() - t0:.1f} s, peak {result.peak_memory / 1e9:.2f} GB)"
+                   + (f"\n    caption: {result.caption[:120]}" if result.caption and prompt is None else ""))
+
+    from ..io.batch import run_batch
+
+    def on_event(kind, item, detail):
+        if kind == "skip":
+            click.echo(f"  skip {item.input}: {detail} ({item.output})")
+        elif kind == "fail":
+            click.echo(f"  FAILED {detail}", err=True)
+
+    summary = run_batch(items, process, overwrite=overwrite, on_event=on_event)
+    if totals:
+        click.echo("stage times (all images) and peak memory:")
+        for name, (secs, peak) in totals.items():
+            click.echo(f"  {name:10s} {secs:8.1f} s   peak {peak / 1e9:6.2f} GB")
+    click.echo(summary.line())
+    if not summary.ok:
+        sys.exit(130 if summary.interrupted else 1)
+
+
+def _load(weights, sdxl, supir, model, source, captioner, captioner_weights, dtype, vae_dtype, quantize, memory_limit,
+          offline, no_caption_needed):
+    from ..pipeline.restore import Restorer
+
+    use_captioner = "none" if no_caption_needed else captioner
+    try:
+        if weights:
+            cap = captioner_weights
+            if cap is None and use_captioner != "none":
+                from ..weights.llava_convert import default_llava_dir
+
+                d = default_llava_dir(use_captioner)
+                cap = d if (d / "config.json").is_file() else None
+                if cap is None:
+                    click.echo(f"note: no converted captioner in {d}; restoring without captions "
+                               "(give --prompt, a sidecar .txt, or convert LLaVA with `supir-mlx convert-llava`)", err=True)
+            if quantize:
+                raise Fail("--quantize applies to downloaded weights; a converted folder is loaded as it was saved")
+            return Restorer.from_weights(weights, captioner=cap, dtype=dtype, vae_dtype=vae_dtype, memory_limit_gb=memory_limit)
+        r = Restorer.from_pretrained(model, sdxl=sdxl, supir=supir, source=source, captioner=use_captioner, dtype=dtype,
+                                     vae_dtype=vae_dtype, quantize=int(quantize) if quantize else None, offline=offline,
+                                     memory_limit_gb=memory_limit, log=lambda m: click.echo(m, err=True))
+        if captioner_weights:
+            r.captioner_path = captioner_weights
+        return r
+    except Fail:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:
+        raise Fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, compare) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from ..io.images import save_image
+    from ..io.metadata import make_provenance
+
+    s = result.settings
+    desc = restorer.description
+    prov = make_provenance(
+        {**s.to_dict(), "prompt": result.caption}, model=desc.get("model", f"SUPIR-{s.model}"),
+        base_checkpoint=desc.get("base_checkpoint", ", ".join(desc.get("sources", [])) or "unknown"),
+        caption=result.caption, seed=s.seed, source=item.input.name,
+    )
+    out_bits = int(bits) if bits else (16 if loaded.bits == 16 and item.output.suffix.lower() in (".png", ".tif", ".tiff") else 8)
+    alpha = None
+    if loaded.alpha is not None:
+        a = loaded.alpha if loaded.alpha.dtype == np.uint8 else (loaded.alpha.astype(np.float32) / 257).round().astype(np.uint8)
+        alpha = np.asarray(Image.fromarray(a).resize(result.image.size, Image.BICUBIC))
+    for i, pixels in enumerate(result.pixels):
+        path = item.output if i == 0 else item.output.with_name(f"{item.output.stem}_{i}{item.output.suffix}")
+        rgb = pixels if out_bits == 16 else np.asarray(result.images[i])
+        save_image(path, rgb, bits=out_bits, format=fmt, jpeg_quality=jpeg_quality, alpha=alpha,
+                   exif=loaded.exif, xmp=loaded.xmp, provenance=prov, overwrite=overwrite)
+        if compare:
+            from ..io.compare import write_compare
+
+            write_compare(path, np.asarray(loaded.to_pil()), np.asarray(result.images[i]), provenance=prov, overwrite=overwrite)
+
+
+def _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed) -> None:
+    from ..config import SUPIRConfig
+    from ..io.images import open_header
+    from ..memory import MemoryPlanError, plan
+    from ..pipeline.preprocess import processing_size
+    from ..pipeline.restore import default_dtype
+    from ..weights.loading import dtype_name
+    from ..weights.quantize import QuantSpec
+
+    config = SUPIRConfig.load(weights / "config.json") if weights else SUPIRConfig.sdxl_v0()
+    cap = None if no_caption_needed or captioner == "none" else captioner
+    quant = QuantSpec(bits=int(quantize)) if quantize else "auto"
+    failed = False
+    for item in items:
+        with open_header(item.input) as im:
+            w, h = im.size
+        W, H, h0, w0 = processing_size(w, h, settings.upscale, settings.min_size)
+        click.echo(f"{item.input}: {w}x{h} -> output {w0}x{h0} (working size {W}x{H})")
+        try:
+            click.echo(str(plan(W, H, config=config, dtype=dtype or dtype_name(default_dtype()), captioner=cap,
+                                memory_limit_gb=memory_limit, quant=quant, unet_tile=settings.tile_size)))
+        except MemoryPlanError as e:
+            click.echo(f"  DOES NOT FIT: {e}")
+            failed = True
+    if failed:
+        sys.exit(1)

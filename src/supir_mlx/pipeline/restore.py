@@ -1,0 +1,277 @@
+"""The Python API: `Restorer` loads the weights once and restores any number of images.
+
+    from supir_mlx import Restorer
+    restorer = Restorer.from_pretrained()               # downloads + converts once, then loads from cache
+    result = restorer.restore("photo.jpg", upscale=2)   # or a PIL image / uint8 array
+    result.image.save("restored.png")
+
+A restore follows the official test.py flow: pre-process (upscale, min size 1024, multiples of 64), caption
+the stage-1 image (LLaVA, loaded only for that and freed before diffusion), sample, decode, colour fix,
+and resize back to exactly input size x upscale.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from ..config import SUPIRConfig
+from ..models.supir import SUPIRModel
+from ..sampling.noise import NoiseSource, SeededNoise
+from ..sampling.tiled import Tiling
+from . import tiled_vae
+from .preprocess import pil_to_tensor, processing_size, resize_bicubic_torch, tensor_to_image, tensor_to_uint8
+from .settings import RestoreSettings, settings_for
+from .supir import Progress, StageStats, SupirRunner, Trace, VAETiles
+
+# The official test.py captions a stage-1 image made at this fixed short side (PIL2Tensor fix_resize=512).
+CAPTION_RESIZE = 512
+
+
+def default_dtype() -> mx.Dtype:
+    """fp16 diffusion on Metal; fp32 on the CPU backend (its fp16 matmul is slow)."""
+    return mx.float16 if mx.metal.is_available() else mx.float32
+
+
+def default_vae_dtype() -> mx.Dtype:
+    """The official VAE runs in bf16 on GPUs (fp16 overflows in the decoder); fp32 on CPU."""
+    return mx.bfloat16 if mx.metal.is_available() else mx.float32
+
+
+@dataclass
+class RestoreResult:
+    images: list[Image.Image]  # input size x upscale, 8-bit (official Tensor2PIL truncation); one per sample
+    pixels: list[np.ndarray]  # the same results as float32 HxWx3 in [0, 1] (before 8-bit rounding), for 16-bit output
+    stage1: Image.Image  # the cleaned stage-1 image at the output size
+    caption: str
+    settings: RestoreSettings
+    stages: dict[str, StageStats] = field(default_factory=dict)
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
+
+    @property
+    def peak_memory(self) -> int:
+        return max((s.peak_bytes for s in self.stages.values()), default=0)
+
+
+def _as_pil(image: Any) -> Image.Image:
+    if isinstance(image, (str, Path)):
+        from ..io.images import load_image
+
+        return load_image(image).to_pil()
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise ValueError(f"expected an HxWx3 image array, got shape {a.shape}")
+    if a.dtype != np.uint8:
+        if not np.issubdtype(a.dtype, np.floating):
+            raise ValueError(f"image arrays must be uint8 or float in [0, 1], got {a.dtype}")
+        a = (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return Image.fromarray(a[:, :, :3])
+
+
+class Restorer:
+    """A loaded SUPIR model plus (optionally) where its captioner lives; `restore` is callable repeatedly."""
+
+    def __init__(
+        self,
+        model: SUPIRModel,
+        *,
+        captioner: str | Path | None = None,
+        description: dict[str, Any] | None = None,
+        memory_limit_gb: float | None = None,
+        quant=None,
+    ):
+        self.model = model
+        self.runner = SupirRunner(model)
+        self.captioner_path = Path(captioner) if captioner else None
+        self.description = description or {}
+        self.memory_limit_gb = memory_limit_gb
+        self.quant = quant
+
+    @property
+    def config(self) -> SUPIRConfig:
+        return self.model.config
+
+    # ------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_weights(
+        cls,
+        directory: str | Path,
+        *,
+        captioner: str | Path | None = None,
+        dtype: mx.Dtype | str | None = None,
+        vae_dtype: mx.Dtype | str | None = None,
+        memory_limit_gb: float | None = None,
+    ) -> "Restorer":
+        """From a folder written by `supir-mlx convert` (any architecture: the folder describes it)."""
+        from ..weights.convert import load_converted, read_manifest
+
+        directory = Path(directory).expanduser()
+        model = load_converted(directory, dtype or default_dtype())
+        _set_vae_dtype(model, vae_dtype)
+        manifest = read_manifest(directory)
+        description = {"weights": str(directory), "sources": [s.get("name") for s in manifest.get("sources", [])]}
+        return cls(model, captioner=captioner, description=description, memory_limit_gb=memory_limit_gb)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = "v0Q",
+        *,
+        sdxl: str | None = None,
+        supir: str | None = None,
+        source: str = "pruned",
+        captioner: str = "13b",
+        dtype: mx.Dtype | str | None = None,
+        vae_dtype: mx.Dtype | str | None = None,
+        quantize: int | None = None,
+        offline: bool = False,
+        memory_limit_gb: float | None = None,
+        log: Callable[[str], None] = print,
+    ) -> "Restorer":
+        """Fetch (once) the SDXL base, the SUPIR checkpoint and the captioner, convert them once into the
+        weight cache, and load. `sdxl` / `supir` take a local path or `owner/repo/file` on the hub."""
+        from ..weights import cache, hub
+        from ..weights.convert import load_converted
+        from ..weights.quantize import QuantSpec
+
+        need = hub.required_files(model, source, captioner, sdxl, supir)
+        files = hub.fetch(need, offline=offline)
+        sources = files["sdxl"] + files["supir"]
+        quant = QuantSpec(bits=quantize) if quantize else None
+        dt = dtype or default_dtype()
+        entry = cache.ensure(sources, _dtype_name(dt), quant, log=log)
+        net = cache.load(entry) if quant else load_converted(entry, dt)
+        _set_vae_dtype(net, vae_dtype)
+        captioner_dir = _prepare_captioner(captioner, files.get("captioner"), log) if captioner != "none" else None
+        description = {"model": f"SUPIR-{model}", "base_checkpoint": Path(files["sdxl"][0]).name,
+                       "supir_checkpoint": Path(files["supir"][0]).name, "weights": str(entry)}
+        return cls(net, captioner=captioner_dir, description=description, memory_limit_gb=memory_limit_gb, quant=quant)
+
+    # ------------------------------------------------------------------------------------- restore
+    def plan(self, width: int, height: int, settings: RestoreSettings | None = None, captioner: bool | None = None):
+        """The memory plan for an input of width x height (see supir_mlx.memory)."""
+        from ..memory import plan
+
+        s = settings or RestoreSettings()
+
+        W, H, _, _ = processing_size(width, height, s.upscale, s.min_size)
+        use_captioner = self._will_caption(s) if captioner is None else captioner
+        return plan(
+            W, H, config=self.config, dtype=_dtype_name(self.runner.net_dtype),
+            captioner=self.description.get("captioner", "13b") if use_captioner else None,
+            memory_limit_gb=self.memory_limit_gb, quant=self.quant, unet_tile=s.tile_size,
+        )
+
+    def _will_caption(self, s: RestoreSettings) -> bool:
+        return s.prompt is None and self.captioner_path is not None
+
+    def caption(self, image: Any, settings: RestoreSettings | None = None) -> str:
+        """The official captioning request on the stage-1 image (made at a 512-pixel short side, as test.py)."""
+        from ..captioner import Captioner
+
+        s = settings or RestoreSettings()
+        if self.captioner_path is None:
+            raise RuntimeError("this Restorer has no captioner (pass captioner=... or give a prompt)")
+        img = _as_pil(image)
+        x, h1, w1 = pil_to_tensor(img, s.upscale, s.min_size, fix_resize=CAPTION_RESIZE)
+        clean = np.array(self.runner.denoise_stage1(mx.array(x)))
+        stage1 = Image.fromarray(tensor_to_image(clean[0], h1, w1))
+        with Captioner.load(self.captioner_path) as captioner:
+            text = captioner.caption(stage1, seed=s.seed)
+        gc.collect()
+        mx.clear_cache()
+        return text
+
+    def restore(
+        self,
+        image: Any,
+        settings: RestoreSettings | None = None,
+        *,
+        preset: str = "default",
+        noise: NoiseSource | None = None,
+        progress: Progress | None = None,
+        **overrides: Any,
+    ) -> RestoreResult:
+        """Restore one image (a path, PIL image or HxWx3 array).
+
+        Settings: `settings`, or `preset` ("default", "quality", "fidelity", "lightning", ...) with any
+        knob of RestoreSettings given as a keyword overriding it. `noise` replaces the seeded draws
+        (e.g. to replay another implementation's); by default every draw comes from settings.seed.
+        """
+        s = (settings.updated(**overrides) if settings else settings_for(preset, **overrides)).validate()
+        img = _as_pil(image)
+        x, h0, w0 = pil_to_tensor(img, s.upscale, s.min_size)
+        H, W = x.shape[1:3]
+        plan = self.plan(img.width, img.height, s)
+        if not plan.fits:
+            from ..memory import MemoryPlanError
+
+            raise MemoryPlanError(f"this restore needs about {plan.peak / 1e9:.1f} GB, more than the {plan.budget / 1e9:.1f} GB available")
+        caption = s.prompt if s.prompt is not None else (self.caption(img, s) if self._will_caption(s) else "")
+        vae_tiles = self._vae_tiles(H, W, s, plan.budget)
+        tiling = Tiling(s.tile_size, s.tile_stride or s.tile_size // 2) if s.tile_size else "auto"
+        if tiling == "auto" and plan.unet_tile and plan.unet_tile < 128:
+            lh, lw = H // 8, W // 8
+            if max(lh, lw) > plan.unet_tile:
+                tiling = Tiling(plan.unet_tile, plan.unet_tile // 2)
+        trace = Trace(keep=("x_stage1",))
+        out = self.runner.sample(
+            mx.array(x), [caption], s, noise or SeededNoise(s.seed), tiling=tiling, vae_tiles=vae_tiles,
+            batched_cfg=plan.cfg_batched, progress=progress, trace=trace,
+        )
+        out = np.array(out)
+        pixels = [np.clip((resize_bicubic_torch(o, h0, w0) + 1) / 2, 0, 1) for o in out]
+        images = [Image.fromarray(tensor_to_uint8(p * 2 - 1)) for p in pixels]
+        stage1 = Image.fromarray(tensor_to_image(np.array(trace.tensors["x_stage1"][0]), h0, w0))
+        return RestoreResult(images, pixels, stage1, caption, s, trace.stages)
+
+    def _vae_tiles(self, H: int, W: int, s: RestoreSettings, budget: int) -> VAETiles:
+        if s.vae_encoder_tile or s.vae_decoder_tile:
+            return VAETiles(s.vae_encoder_tile, s.vae_decoder_tile)
+        size = 2 if self.runner.vae_dtype != mx.float32 else 4
+        p = tiled_vae.plan_tiles(self.config.vae, H, W, budget, size)
+        f = self.config.vae.downsample_factor
+        return VAETiles(p.encoder_tile if p.encoder_tile < max(H, W) else None,
+                        p.decoder_tile if p.decoder_tile < -(-max(H, W) // f) else None)
+
+
+def _dtype_name(dtype: mx.Dtype | str) -> str:
+    from ..weights.loading import dtype_name, parse_dtype
+
+    return dtype_name(parse_dtype(dtype))
+
+
+def _set_vae_dtype(model: SUPIRModel, vae_dtype: mx.Dtype | str | None) -> None:
+    from ..weights.loading import parse_dtype
+
+    dt = parse_dtype(vae_dtype) if vae_dtype is not None else default_vae_dtype()
+    if dt == mx.float16:
+        raise ValueError("the VAE cannot run in float16 (it overflows); use float32 or bfloat16")
+    model.first_stage_model.set_dtype(dt)
+    mx.eval(model.first_stage_model.parameters())
+
+
+def _prepare_captioner(size: str, files: list[Path] | None, log: Callable[[str], None]) -> Path:
+    """The converted (4-bit) captioner folder, converting the downloaded llava-hf files once."""
+    from ..weights.llava_convert import convert_llava, default_llava_dir
+
+    target = default_llava_dir(size)
+    if (target / "config.json").is_file():
+        return target
+    if not files:
+        raise FileNotFoundError(f"no captioner weights for LLaVA {size}")
+    log(f"converting the LLaVA-1.5 {size} captioner to 4-bit MLX once into {target}")
+    return convert_llava(Path(files[0]).parent, target)
