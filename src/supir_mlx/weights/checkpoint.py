@@ -158,7 +158,9 @@ def _read_safetensors_header(name: str, data: mmap.mmap, size: int) -> dict[str,
         if key == "__metadata__":
             continue
         try:
-            stored, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            stored, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            if not 0 <= begin <= end:
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{name}: corrupt safetensors header entry for '{key}'") from None
         if stored not in _SAFETENSORS_DTYPES:
