@@ -37,6 +37,7 @@ from .loading import (
     parse_dtype,
     plan,
     read_weights,
+    release,
 )
 
 FORMAT = "supir-mlx-weights"
@@ -174,6 +175,7 @@ def _write_shards(tmp, mapping, weights, params, dtypes, sizes, log) -> list[dic
         key = mapping[name]
         try:
             pending[name] = convert_tensor(key, weights[key], params[name], dtypes[component_of(name)])
+            release(weights, key)
         except (CheckpointError, ValueError) as e:
             raise ConvertError(f"cannot read '{key}' from {weights.source(key).name}: {e}") from None
         pending_bytes += sizes[name]

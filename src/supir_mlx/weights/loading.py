@@ -161,8 +161,15 @@ def load_official(
     loaded = []
     for name, key in mapping.items():
         loaded.append((name, convert_tensor(key, weights[key], params[name], _dtype_for(name, dtype))))
+        release(weights, key)
     module.update(tree_unflatten(loaded))
     return module
+
+
+def release(weights: Mapping[str, np.ndarray], key: str) -> None:
+    """Let a memory-mapped checkpoint drop the pages of a tensor that has been converted."""
+    if callable(getattr(weights, "release", None)):
+        weights.release(key)
 
 
 def _dtype_for(name: str, dtype: mx.Dtype | Mapping[str, mx.Dtype]) -> mx.Dtype:
@@ -204,6 +211,9 @@ class WeightSet(Mapping[str, np.ndarray]):
 
     def dtype(self, key: str) -> str:
         return self._owner[key].dtype(key)
+
+    def release(self, key: str) -> None:
+        self._owner[key].release(key)
 
     def source(self, key: str) -> Path:
         return self._owner[key].path
