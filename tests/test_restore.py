@@ -155,3 +155,20 @@ def test_settings_round_trip_through_json():
     s = settings_for("quality", seed=3, upscale=2)
     assert RestoreSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     assert s.cfg == 7.5 and s.cfg_start == 4.0 and s.s_noise == 1.003
+
+
+def test_draft_box_is_one_tile_of_the_working_image():
+    from supir_mlx import settings_for
+    from supir_mlx.pipeline.restore import draft_box
+
+    s = settings_for(upscale=2)
+    assert draft_box(2000, 1500, s) == (744, 494, 1256, 1006)  # 512 input px = 1024 working px, centred
+    # a small photo is enlarged to a 1024 short side (x5.12): the crop is its centred 200x200 square
+    assert draft_box(300, 200, s) == (50, 0, 250, 200)
+
+
+def test_cli_draft_writes_a_separate_preview(weights, tmp_path):
+    src = photo(tmp_path / "p.png")
+    r = CliRunner().invoke(main, ["restore", str(src), "--weights", str(weights), "--draft", "--prompt", "", *FAST])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "p_supir_draft.png").is_file() and not (tmp_path / "p_supir.png").exists()

@@ -113,11 +113,12 @@ def _clock(s: float) -> str:
 @click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize the UNet and control encoder.")
 @click.option("--memory-limit", type=float, help="Memory budget in GB (default: what this machine recommends).")
 @click.option("--plan", "plan_only", is_flag=True, help="Print the memory plan for each input and exit.")
+@click.option("--draft", is_flag=True, help="Restore only a centred crop (about one 1024-px tile) as <name>_draft, to preview the settings quickly.")
 @click.option("--offline", is_flag=True, help="Never contact the Hugging Face hub.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, preset, settings_from,
             prompt, no_caption, weights, sdxl, supir, source, captioner, captioner_weights, dtype, vae_dtype, quantize,
-            memory_limit, plan_only, offline, quiet, **knobs) -> None:
+            memory_limit, plan_only, draft, offline, quiet, **knobs) -> None:
     """Restore photos (files, folders or glob patterns) with SUPIR.
 
     Outputs are generative reconstructions: detail is synthesised, not recovered; every output says so in its
@@ -145,6 +146,12 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
         single_file = output is not None and len(sources) == 1 and output.suffix.lower() in set(OUTPUT_FORMATS.values()) | {".jpeg", ".tiff"}
         if single_file:
             out_dir, pattern, ext = output.parent, output.name, ext or output.suffix
+        if draft:
+            if "{ext}" in pattern:
+                pattern = pattern.replace("{ext}", "_draft{ext}")
+            else:
+                p = Path(pattern)
+                pattern = str(p.with_name(f"{p.stem}_draft{p.suffix}"))
         items = plan_outputs(sources, out_dir, pattern, ext)
     except (ImageError, SettingsError, ValueError) as e:
         raise Fail(str(e)) from None
@@ -162,6 +169,14 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
         from ..io.images import load_image
 
         loaded = load_image(item.input)
+        if draft:
+            from ..pipeline.restore import draft_box
+
+            from dataclasses import replace
+
+            left, top, right, bottom = draft_box(*loaded.size, settings)
+            loaded = replace(loaded, rgb=loaded.rgb[top:bottom, left:right],
+                             alpha=None if loaded.alpha is None else loaded.alpha[top:bottom, left:right])
         s = settings
         if no_caption:
             s = s.updated(prompt="")

@@ -248,6 +248,18 @@ class Restorer:
                         p.decoder_tile if p.decoder_tile < -(-max(H, W) // f) else None)
 
 
+def draft_box(width: int, height: int, settings: RestoreSettings, side: int = 1024) -> tuple[int, int, int, int]:
+    """The centred crop (left, top, right, bottom) of an input whose working image is at most side x side.
+
+    A draft restores just this crop with the run's own settings: the look of the full result at the cost of
+    about one sampler tile, before committing to the whole image.
+    """
+    scale = max(settings.upscale, settings.min_size / min(width, height))
+    cw, ch = min(width, max(1, round(side / scale))), min(height, max(1, round(side / scale)))
+    left, top = (width - cw) // 2, (height - ch) // 2
+    return left, top, left + cw, top + ch
+
+
 def _dtype_name(dtype: mx.Dtype | str) -> str:
     from ..weights.loading import dtype_name, parse_dtype
 
