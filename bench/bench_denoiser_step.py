@@ -5,6 +5,7 @@ Random weights (nothing is downloaded). Inputs as in sampling: latent [2, S, S, 
 vector [2, 2816], DDPM timestep index 500.
 
     python bench/bench_denoiser_step.py [--latent 64] [--dtype float16] [--warmup 1] [--runs 1]
+                                        [--part both|control|unet]
 
 Defaults: float16 with one warm-up call on Metal; float32 without warm-up elsewhere (a CPU call takes
 minutes and has nothing to warm up). For reference, the official PyTorch code (fp32, 2-core x86 CPU)
@@ -21,9 +22,19 @@ from mlx.utils import tree_flatten
 
 from supir_mlx.config import SUPIRConfig
 from supir_mlx.models.supir import Condition, ControlledUNet
+from supir_mlx.models.unet import Downsample, GLVControl, LightGLVUNet
 
 GB = 1e9
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def control_shapes(unet: LightGLVUNet, s: int) -> list[tuple[int, ...]]:
+    """Shapes of the 10 control features for a latent side `s` (input-block outputs, then the middle)."""
+    shapes = []
+    for block, ch in zip(unet.input_blocks, unet.skip_channels):
+        s //= 2 if isinstance(block[0], Downsample) else 1
+        shapes.append((2, s, s, ch))
+    return shapes + [shapes[-1]]
 
 
 def main() -> None:
@@ -33,22 +44,35 @@ def main() -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float16" if metal else "float32")
     p.add_argument("--warmup", type=int, default=1 if metal else 0)
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument(
+        "--part",
+        choices=("both", "control", "unet"),
+        default="both",
+        help="time one network alone (random control features for the UNet) where both do not fit in memory",
+    )
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
+    cfg = SUPIRConfig.sdxl_v0()
 
     start = time.perf_counter()
-    model = ControlledUNet(SUPIRConfig.sdxl_v0())
+    if args.part == "both":
+        model = ControlledUNet(cfg)
+    elif args.part == "control":
+        model = GLVControl(cfg.unet)
+    else:
+        model = LightGLVUNet(cfg.unet, cfg.project)
     model.set_dtype(dtype)  # before the lazy random init is evaluated: no float32 copy ever exists
     mx.eval(model.parameters())
     n = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(
-        f"device {'metal' if metal else 'cpu'}  dtype {args.dtype}  latent {args.latent}x{args.latent}  batch 2\n"
+        f"device {'metal' if metal else 'cpu'}  dtype {args.dtype}  latent {args.latent}x{args.latent}  batch 2"
+        f"  network {args.part}\n"
         f"build    {time.perf_counter() - start:7.1f} s  peak {mx.get_peak_memory() / GB:6.2f} GB"
         f"  ({n / 1e9:.3f} G parameters, {mx.get_active_memory() / GB:.2f} GB)"
     )
 
-    s, key = args.latent, mx.random.key(0)
-    k = mx.random.split(key, 5)
+    s = args.latent
+    k = mx.random.split(mx.random.key(0), 5)
     x = mx.random.normal((2, s, s, 4), key=k[0]).astype(dtype)
     cond = Condition(
         crossattn=mx.random.normal((2, 77, 2048), key=k[1]).astype(dtype),
@@ -56,13 +80,23 @@ def main() -> None:
         control=mx.random.normal((2, s, s, 4), key=k[3]).astype(dtype),
     )
     t = mx.array([500, 500])
-    mx.eval(x, cond.crossattn, cond.vector, cond.control)
+    features = []
+    if args.part == "unet":
+        keys = mx.random.split(k[4], 10)
+        features = [mx.random.normal(sh, key=kk).astype(dtype) for sh, kk in zip(control_shapes(model, s), keys)]
+    mx.eval(x, cond.crossattn, cond.vector, cond.control, features)
+
+    def call() -> mx.array | list[mx.array]:
+        if args.part == "unet":
+            return model(x, t, cond.crossattn, cond.vector, features, 1.0)
+        if args.part == "control":
+            return model(cond.control, t, x, cond.crossattn, cond.vector)
+        return model(x, t, cond, 1.0)
 
     for i in range(args.warmup + args.runs):
         mx.reset_peak_memory()
         start = time.perf_counter()
-        eps = model(x, t, cond, 1.0)
-        mx.eval(eps)
+        mx.eval(call())
         label = "warm-up" if i < args.warmup else "call"
         print(f"{label:8s} {time.perf_counter() - start:7.1f} s  peak {mx.get_peak_memory() / GB:6.2f} GB")
 
