@@ -8,7 +8,7 @@ to the real depth (weights and KV cache both grow linearly with depth); `--layer
 
 MLX's CPU quantized matmul is a plain loop (~0.5 GMAC/s measured here, about 1000 s per 13B layer for the
 629-token prefill), so on CPU the prefill multiplies by the dequantized weight instead (`--cpu-dequant`, on by
-default there): one matrix at a time exists in fp32 (at most 283 MB), so the CPU peak is an upper bound. Decoding
+default there): one matrix at a time exists in fp32 (at most 656 MB, lm_head), so the CPU peak is an upper bound. Decoding
 stays on the quantized kernel, so on CPU ask for few new tokens; the KV cache of the full 512 is added from
 mlx-lm's allocation rule (steps of 256 positions).
 
@@ -54,6 +54,7 @@ def dequantizing_prefill() -> None:
             return quantized_call(self, x)
         w = mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
         y = x @ w.T
+        mx.eval(y)  # else the lazy graph dequantizes every layer's weights up front
         return y + self.bias if "bias" in self else y
 
     nn.QuantizedLinear.__call__ = call
