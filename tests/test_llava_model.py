@@ -43,8 +43,9 @@ def test_only_layers_up_to_the_feature_layer_are_built(tiny):
     assert "post_layernorm" not in model.vision_tower.vision_model
 
 
-def _original_layout(tiny, tmp_path):
-    """The tiny llava-hf weights renamed into the liuhaotian release + a separate CLIPModel checkpoint."""
+def _original_layout(tiny, tmp_path, pickled: bool = False):
+    """The tiny llava-hf weights renamed into the liuhaotian release + a separate CLIPModel checkpoint
+    (as safetensors, or as the PyTorch .bin pickles the original release ships)."""
     w = load_file(str(tiny[0]))
     hf = json.loads(tiny[1].read_text())
     lm, clip = {}, {"text_model.embeddings.token_embedding.weight": np.zeros((8, 4), np.float32)}
@@ -60,8 +61,14 @@ def _original_layout(tiny, tmp_path):
             clip[k[len("vision_tower.") :]] = v
     (tmp_path / "llava").mkdir()
     (tmp_path / "clip").mkdir()
-    save_file(lm, str(tmp_path / "llava" / "model.safetensors"))
-    save_file(clip, str(tmp_path / "clip" / "model.safetensors"))
+    if pickled:
+        from torchsave import save_tensors
+
+        save_tensors(lm, tmp_path / "llava" / "pytorch_model-00001-of-00001.bin")
+        save_tensors(clip, tmp_path / "clip" / "pytorch_model.bin")
+    else:
+        save_file(lm, str(tmp_path / "llava" / "model.safetensors"))
+        save_file(clip, str(tmp_path / "clip" / "model.safetensors"))
     flat = {**hf["text_config"], "model_type": "llava", "mm_projector_type": "mlp2x_gelu",
             "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_hidden_size": 32}
     (tmp_path / "llava" / "config.json").write_text(json.dumps(flat))
@@ -69,8 +76,9 @@ def _original_layout(tiny, tmp_path):
     return tmp_path / "llava", tmp_path / "clip"
 
 
-def test_original_layout_gives_identical_logits(tiny, io, tmp_path):
-    llava, clip = _original_layout(tiny, tmp_path)
+@pytest.mark.parametrize("pickled", [False, True], ids=["safetensors", "pytorch-bin"])
+def test_original_layout_gives_identical_logits(tiny, io, tmp_path, pickled):
+    llava, clip = _original_layout(tiny, tmp_path, pickled)
     ours = load_source(llava, clip=clip)
     hf = load_source(tiny[0], config=tiny[1])
     assert ours.config.image_token_index == ORIGINAL_IMAGE_TOKEN

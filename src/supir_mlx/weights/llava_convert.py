@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterable
@@ -27,6 +26,7 @@ from mlx.utils import tree_flatten
 from ..config import ConfigError
 from ..models.clip_vision import CLIPVisionConfig
 from ..models.llava import HF_LLAMA_DEFAULTS, LlavaConfig, LlavaModel, kept, load_strict, mlx_layout
+from .checkpoint import read_checkpoint
 from .loading import WeightError
 
 # The original release's key prefixes -> llava-hf names (first match wins, so the projector and the
@@ -56,15 +56,12 @@ def quantized_nbytes(shape: tuple[int, int], bits: int, group_size: int, scale_b
 
 
 def _files(path: Path) -> list[Path]:
+    """The checkpoint files of a folder (safetensors preferred, else PyTorch .bin) or the one file given."""
     if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         if not files:
-            bins = sorted(path.glob("*.bin"))
-            hint = " (PyTorch .bin files are pickles and are not read: use the safetensors release, e.g. llava-hf/llava-1.5-13b-hf)" if bins else ""
-            raise WeightError(f"no .safetensors files in {path}{hint}")
+            raise WeightError(f"no .safetensors or .bin checkpoint files in {path}")
         return files
-    if path.suffix != ".safetensors":
-        raise WeightError(f"{path}: only .safetensors checkpoints are read")
     if not path.is_file():
         raise WeightError(f"{path}: no such file")
     return [path]
@@ -97,13 +94,11 @@ Source = dict[str, tuple[Path, str, tuple[int, ...]]]  # llava-hf name -> (file,
 def open_source(source: Path, clip: Path | None, config: Path | None = None) -> tuple[LlavaConfig, Source, Path]:
     """Config (`config`, else config.json beside the weights), tensor index (from the file headers only) and
     the folder holding the tokenizer."""
-    from safetensors import safe_open
-
     def keys(files: Iterable[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
         out = {}
         for f in files:
-            with safe_open(str(f), framework="numpy") as h:
-                out.update({k: (f, tuple(h.get_slice(k).get_shape())) for k in h.keys()})
+            ckpt = read_checkpoint(f)  # safetensors or a torch pickle (.bin), read safely and lazily
+            out.update({k: (f, ckpt.shape(k)) for k in ckpt})
         return out
 
     src = keys(_files(source))
@@ -174,24 +169,22 @@ def convert_llava(
             shard = {}
             mx.clear_cache()
 
-    from safetensors import safe_open
-
-    with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(str(f), framework="mlx")) for f, _, _ in names.values()}
-        for name in sorted(names):
-            f, key, _ = names[name]
-            v = mlx_layout(cfg, name, handles[f].get_tensor(key)).astype(dtype)
-            if bits and _quantized(name, v, group_size):
-                w, scales, biases = mx.quantize(v, group_size, bits)
-                base = name[: -len("weight")]
-                entries = {name: w, base + "scales": scales, base + "biases": biases}
-            else:
-                entries = {name: v}
-            mx.eval(entries)
-            shard.update(entries)
-            if sum(a.nbytes for a in shard.values()) >= SHARD_BYTES:
-                flush()
-        flush()
+    handles = {f: read_checkpoint(f) for f, _, _ in names.values()}
+    for name in sorted(names):
+        f, key, _ = names[name]
+        v = mlx_layout(cfg, name, mx.array(handles[f][key])).astype(dtype)
+        if bits and _quantized(name, v, group_size):
+            w, scales, biases = mx.quantize(v, group_size, bits)
+            base = name[: -len("weight")]
+            entries = {name: w, base + "scales": scales, base + "biases": biases}
+        else:
+            entries = {name: v}
+        mx.eval(entries)
+        handles[f].release(key)
+        shard.update(entries)
+        if sum(a.nbytes for a in shard.values()) >= SHARD_BYTES:
+            flush()
+    flush()
     (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     for f in tok:
         shutil.copyfile(f, tmp / f.name)
@@ -227,15 +220,11 @@ def load_source(
     source: str | Path, *, clip: str | Path | None = None, config: str | Path | None = None, dtype: mx.Dtype = mx.float32
 ) -> LlavaModel:
     """A LlavaModel straight from an unconverted checkpoint (either layout), unquantized, for checks."""
-    from safetensors import safe_open
-
     cfg, names, _ = open_source(Path(source), _path(clip), _path(config))
     names = {k: v for k, v in names.items() if kept(cfg, k)}
     _check(cfg, names)
-    weights = {}
-    for name, (f, key, _) in names.items():
-        with safe_open(str(f), framework="mlx") as h:
-            weights[name] = mlx_layout(cfg, name, h.get_tensor(key)).astype(dtype)
+    handles = {f: read_checkpoint(f) for f, _, _ in names.values()}
+    weights = {name: mlx_layout(cfg, name, mx.array(handles[f][key])).astype(dtype) for name, (f, key, _) in names.items()}
     model = LlavaModel(cfg)
     load_strict(model, weights)
     model.eval()
