@@ -91,7 +91,7 @@ def test_png_modes(tmp_path, mode):
         src = Image.fromarray((PX[:, :, 0].astype(np.uint16) * 257))
     else:
         src = src.convert(mode)
-    path = tmp_path / f"m.png"
+    path = tmp_path / "m.png"
     src.save(path)
     img = load_image(path)
     assert img.rgb.shape == (24, 36, 3) and img.mode == mode

@@ -12,7 +12,6 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 
 from supir_mlx.captioner import (
-    QUESTION,
     QUESTION_GRADIO,
     Captioner,
     CaptionerUnavailable,

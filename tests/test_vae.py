@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np

@@ -6,7 +6,6 @@ forward over ids with the image tokens already expanded, and greedy generation t
 
 from __future__ import annotations
 
-import mlx.core as mx
 import numpy as np
 
 from .. import Comparison, Context, Fixture, compare, compare_exact
