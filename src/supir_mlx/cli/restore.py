@@ -152,6 +152,7 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
             else:
                 p = Path(pattern)
                 pattern = str(p.with_name(f"{p.stem}_draft{p.suffix}"))
+        sources = _without_earlier_outputs(sources, inputs, out_dir, pattern, ext, settings.num_samples)
         items = plan_outputs(sources, out_dir, pattern, ext)
     except (ImageError, SettingsError, ValueError) as e:
         raise Fail(str(e)) from None
@@ -216,6 +217,20 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
         sys.exit(130 if summary.interrupted else 1)
 
 
+def _without_earlier_outputs(sources, inputs, out_dir, pattern, ext, num_samples):
+    """Leave out what this same command wrote before (outputs, extra samples, comparisons) when a folder or glob
+    picks it up again, so that running a command a second time resumes it; named files are always kept."""
+    from ..io.batch import drop_earlier_outputs
+    from ..io.compare import compare_path
+
+    def variants(out: Path) -> list[Path]:
+        samples = [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(1, num_samples)]
+        return [*samples, *(compare_path(p) for p in (out, *samples))]
+
+    named = [p for p in inputs if Path(p).is_file()]
+    return drop_earlier_outputs(sources, out_dir, pattern, ext, keep=named, variants=variants)
+
+
 def _load(weights, sdxl, supir, model, source, captioner, captioner_weights, dtype, vae_dtype, quantize, memory_limit,
           offline, no_caption_needed):
     from ..pipeline.restore import Restorer
@@ -270,7 +285,7 @@ def _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, co
         path = item.output if i == 0 else item.output.with_name(f"{item.output.stem}_{i}{item.output.suffix}")
         rgb = pixels if out_bits == 16 else np.asarray(result.images[i])
         save_image(path, rgb, bits=out_bits, format=fmt, jpeg_quality=jpeg_quality, alpha=alpha,
-                   exif=loaded.exif, xmp=loaded.xmp, provenance=prov, overwrite=overwrite)
+                   exif=loaded.exif, xmp=loaded.xmp, iptc=loaded.iptc, provenance=prov, overwrite=overwrite)
         if compare:
             from ..io.compare import write_compare
 

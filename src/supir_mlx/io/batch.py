@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .images import INPUT_EXTENSIONS, ImageError
+from .images import INPUT_EXTENSIONS, ImageError, _reason
 
 DEFAULT_PATTERN = "{stem}_supir{ext}"
 
@@ -91,14 +91,7 @@ def plan_outputs(inputs: list[Path], output_dir: str | Path | None = None, patte
     items, taken = [], {os.path.realpath(p) for p in inputs}
     outs: set[str] = set()
     for i, src in enumerate(inputs, 1):
-        try:
-            name = pattern.format(stem=src.stem, ext=ext or src.suffix, parent=src.parent.name, index=i)
-        except (KeyError, IndexError, ValueError) as e:
-            raise ImageError(f"output pattern {pattern!r}: unknown placeholder {e} "
-                             "(use {stem}, {ext}, {parent}, {index})") from None
-        if not Path(name).suffix:
-            name += ext or src.suffix
-        out = (Path(output_dir) if output_dir is not None else src.parent) / name
+        out = output_path(src, i, output_dir, pattern, ext)
         key = os.path.realpath(out)
         if key in taken:
             raise ImageError(f"{src}: output {out} would overwrite an input; choose another pattern or folder")
@@ -108,6 +101,36 @@ def plan_outputs(inputs: list[Path], output_dir: str | Path | None = None, patte
         outs.add(key)
         items.append(BatchItem(i, src, out))
     return items
+
+
+def output_path(src: Path, index: int, output_dir: str | Path | None = None, pattern: str = DEFAULT_PATTERN,
+                ext: str | None = None) -> Path:
+    """The output `plan_outputs` gives input number `index` (1-based), without its collision checks."""
+    try:
+        name = pattern.format(stem=src.stem, ext=ext or src.suffix, parent=src.parent.name, index=index)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ImageError(f"output pattern {pattern!r}: unknown placeholder {e} "
+                         "(use {stem}, {ext}, {parent}, {index})") from None
+    if not Path(name).suffix:
+        name += ext or src.suffix
+    return (Path(output_dir) if output_dir is not None else src.parent) / name
+
+
+def drop_earlier_outputs(inputs: list[Path], output_dir: str | Path | None = None, pattern: str = DEFAULT_PATTERN,
+                         ext: str | None = None, *, keep: Iterable[str | Path] = (),
+                         variants: Callable[[Path], Iterable[Path]] = lambda p: ()) -> list[Path]:
+    """`inputs` without the files an earlier run of the same plan wrote (outputs and their `variants`).
+
+    When outputs go next to their inputs, a folder or glob picks up last run's `photo_supir.png`: restoring it
+    again (or refusing the whole batch because its name is an output) would make resuming impossible. Files in
+    `keep` (the ones the user named explicitly) are never dropped.
+    """
+    kept = {os.path.realpath(p) for p in keep}
+    derived: set[str] = set()
+    for i, src in enumerate(inputs, 1):
+        out = output_path(src, i, output_dir, pattern, ext)
+        derived.update(os.path.realpath(p) for p in (out, *variants(out)))
+    return [p for p in inputs if os.path.realpath(p) in kept or os.path.realpath(p) not in derived]
 
 
 def run_batch(items: list[BatchItem], process_fn: Callable[[BatchItem], object], *, overwrite: bool = False,
@@ -128,7 +151,11 @@ def run_batch(items: list[BatchItem], process_fn: Callable[[BatchItem], object],
             continue
         notify("start", item, "")
         try:
-            item.output.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                item.output.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ImageError(f"{item.output}: cannot create the output folder {item.output.parent} "
+                                 f"({_reason(e)})") from None
             process_fn(item)
         except KeyboardInterrupt:
             summary.interrupted = True

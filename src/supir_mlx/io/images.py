@@ -222,35 +222,30 @@ def _png16(f, px: np.ndarray, icc: bytes | None, exif: bytes | None, texts: dict
     f.write(_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + _chunk(b"IEND", b""))
 
 
-def _tiff16(f, px: np.ndarray, icc: bytes | None, texts: dict[int, bytes]) -> None:
-    """A 16-bit RGB(A) little-endian baseline TIFF (one uncompressed strip), which Pillow cannot write."""
+def _tiff16(f, px: np.ndarray, icc: bytes | None, exif: bytes | None, tags: dict[int, bytes | str]) -> None:
+    """A 16-bit RGB(A) little-endian baseline TIFF (one uncompressed strip), which Pillow cannot write.
+
+    The directory (EXIF tags and EXIF/GPS sub-directories included) is serialised by Pillow's IFD writer.
+    """
+    from PIL.TiffImagePlugin import ImageFileDirectory_v2
+
     h, w, c = px.shape
     data = px.astype("<u2").tobytes()
-    extra: list[tuple[int, int, int, bytes]] = []  # tag, type, count, payload (written after the IFD)
-    bps = struct.pack("<" + "H" * c, *([16] * c))
-    extra.append((258, 3, c, bps))
-    for tag, payload in sorted({**texts, **({34675: icc} if icc else {})}.items()):
-        extra.append((tag, 2 if tag in (270, 305) else 7, len(payload), payload))
-    entries = [(256, 4, 1, w), (257, 4, 1, h), (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, 0), (277, 3, 1, c),
-               (278, 4, 1, h), (279, 4, 1, len(data)), (284, 3, 1, 1)] + ([(338, 3, 1, 2)] if c == 4 else [])
-    n = len(entries) + len(extra)
-    offset = 8 + 2 + 12 * n + 4
-    blobs, table = b"", []
-    for tag, typ, count, payload in extra:
-        if len(payload) <= 4:
-            table.append((tag, typ, count, payload.ljust(4, b"\0")))
-        else:
-            table.append((tag, typ, count, struct.pack("<I", offset + len(blobs))))
-            blobs += payload + (b"\0" if len(payload) % 2 else b"")
-    data_offset = offset + len(blobs)
-    for tag, typ, count, value in entries:
-        value = data_offset if tag == 273 else value
-        table.append((tag, typ, count, struct.pack("<I" if typ == 4 else "<HH", *((value,) if typ == 4 else (value, 0)))))
-    table.sort()
-    f.write(b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", n))
-    for tag, typ, count, value in table:
-        f.write(struct.pack("<HHI", tag, typ, count) + value)
-    f.write(struct.pack("<I", 0) + blobs + data)
+    ifd = ImageFileDirectory_v2(ifh=b"II*\0\0\0\0\0")
+    if exif:
+        e = Image.Exif()
+        e.load(exif)
+        for tag, value in e.items():
+            if tag not in (0x8769, 0x8825):
+                ifd[tag] = value
+            elif sub := e.get_ifd(tag):  # the EXIF and GPS sub-directories
+                ifd[tag] = dict(sub)
+    for tag, value in {**tags, **({34675: icc} if icc else {})}.items():
+        ifd[tag] = value
+    ifd.update({256: w, 257: h, 258: (16,) * c, 259: 1, 262: 2, 273: 0, 277: c, 278: h, 279: len(data), 284: 1})
+    if c == 4:
+        ifd[338] = (2,)  # unassociated alpha
+    f.write(b"II*\0" + struct.pack("<I", 8) + ifd.tobytes(8) + data)  # strip offset 0 -> after the directory
 
 
 @contextlib.contextmanager
@@ -285,14 +280,16 @@ def atomic_write(path: str | Path, overwrite: bool = False) -> Iterator[Any]:
 
 def save_image(path: str | Path, rgb: np.ndarray, *, bits: int = 8, format: str | None = None,
                jpeg_quality: int = 95, alpha: np.ndarray | None = None, icc: str | bytes | None = "srgb",
-               exif: bytes | None = None, xmp: bytes | None = None, provenance: dict | None = None,
-               overwrite: bool = False) -> Path:
+               exif: bytes | None = None, xmp: bytes | None = None, iptc: dict | bytes | None = None,
+               provenance: dict | None = None, overwrite: bool = False) -> Path:
     """Write H x W x 3 pixels (uint8, uint16, or float in [0, 1]) atomically.
 
     `format` defaults to the extension's. `alpha` (H x W) is stored where the format can (PNG, TIFF, WebP) and
     composited on white for JPEG. `icc`: "srgb" embeds sRGB (our pixels are sRGB), None embeds nothing, bytes
     converts the 8-bit pixels from sRGB into that profile and embeds it. `exif`/`xmp` from the input are carried
-    over with orientation reset to 1 and the new size; `provenance` is embedded as described in io.metadata.
+    over with orientation reset to 1 and the new size; `iptc` (IIM records, as `load_image` returns them) is
+    carried into JPEG (APP13) and TIFF (tag 33723), the formats with a standard place for it; `provenance` is
+    embedded as described in io.metadata.
     """
     path = Path(path)
     fmt = (format or WRITE_FORMATS.get(path.suffix.lower(), "")).upper()
@@ -326,6 +323,7 @@ def save_image(path: str | Path, rgb: np.ndarray, *, bits: int = 8, format: str 
         px = np.asarray(conv)
     exif_out = metadata.exif_bytes(exif, provenance, (w, h)) if (exif or provenance) else None
     xmp_out = metadata.xmp_packet(provenance, xmp) if provenance else xmp
+    iim = metadata.iptc_bytes(iptc) if iptc else None
     with atomic_write(path, overwrite) as f:
         full = px if a is None else np.concatenate([px, a[:, :, None]], axis=2)
         if bits == 16 and fmt == "PNG":
@@ -337,18 +335,32 @@ def save_image(path: str | Path, rgb: np.ndarray, *, bits: int = 8, format: str 
                 texts["XML:com.adobe.xmp"] = xmp_out.decode("utf-8")
             _png16(f, full, profile, exif_out, texts)
         elif bits == 16:
-            tags = {700: xmp_out} if xmp_out else {}
+            tags: dict[int, bytes | str] = {700: xmp_out} if xmp_out else {}
+            if iim:
+                tags[33723] = iim
             if provenance:
-                tags.update({270: metadata.NOTICE.encode() + b"\0", 305: metadata.software(provenance).encode() + b"\0"})
-            _tiff16(f, full, profile, tags)
+                tags.update({270: metadata.NOTICE, 305: metadata.software(provenance)})
+            _tiff16(f, full, profile, exif_out, tags)
         else:
             _save_pillow(f, Image.fromarray(full, "RGBA" if a is not None else "RGB"), fmt, jpeg_quality, profile,
-                         exif_out, xmp_out, provenance)
+                         exif_out, xmp_out, provenance, iim)
     return path
 
 
+def _with_app13(jpeg: bytes, iim: bytes) -> bytes:
+    """`jpeg` with a Photoshop APP13 segment holding the IPTC records, after the leading APPn segments."""
+    res = b"8BIM\x04\x04\0\0" + struct.pack(">I", len(iim)) + iim + b"\0" * (len(iim) % 2)
+    seg = b"Photoshop 3.0\0" + res
+    if len(seg) + 2 > 0xFFFF:
+        return jpeg  # too large for one segment; the XMP still carries the description
+    pos = 2
+    while jpeg[pos] == 0xFF and 0xE0 <= jpeg[pos + 1] <= 0xEF:
+        pos += 2 + struct.unpack_from(">H", jpeg, pos + 2)[0]
+    return jpeg[:pos] + b"\xff\xed" + struct.pack(">H", len(seg) + 2) + seg + jpeg[pos:]
+
+
 def _save_pillow(f, im: Image.Image, fmt: str, quality: int, icc: bytes | None, exif: bytes | None,
-                 xmp: bytes | None, prov: dict | None) -> None:
+                 xmp: bytes | None, prov: dict | None, iim: bytes | None = None) -> None:
     kw: dict[str, Any] = {}
     if icc:
         kw["icc_profile"] = icc
@@ -366,14 +378,19 @@ def _save_pillow(f, im: Image.Image, fmt: str, quality: int, icc: bytes | None, 
             info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8"))
         kw["pnginfo"] = info
     elif fmt == "TIFF":
-        from PIL.TiffImagePlugin import ImageFileDirectory_v2
-
-        tags = ImageFileDirectory_v2()
+        # One directory holding the EXIF tags (with their EXIF/GPS sub-directories) and ours, all passed as
+        # `exif`: Pillow ignores `exif` when `tiffinfo` is given, and libtiff (which any compression needs)
+        # cannot write sub-directories, so the strip is stored uncompressed, like the 16-bit writer's.
+        tags = Image.Exif()
+        if exif:
+            tags.load(exif)
         if xmp:
             tags[700] = xmp
+        if iim:
+            tags[33723] = iim
         if prov:
             tags[270], tags[305] = metadata.NOTICE, metadata.software(prov)
-        kw.update(tiffinfo=tags, compression="tiff_deflate")
+        kw.update(exif=tags, compression="raw")
     else:
         kw.update(quality=quality)
         if xmp:
@@ -382,4 +399,9 @@ def _save_pillow(f, im: Image.Image, fmt: str, quality: int, icc: bytes | None, 
             kw["subsampling"] = 0 if quality >= 90 else 2
         else:
             kw["exact"] = True  # keep colour under transparent pixels: the alpha is carried, not baked in
+    if fmt == "JPEG" and iim:
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        f.write(_with_app13(buf.getvalue(), iim))
+        return
     im.save(f, format=fmt, **kw)

@@ -74,6 +74,12 @@ def xmp_packet(prov: dict[str, Any], existing: bytes | str | None = None) -> byt
             f'{ours}</rdf:RDF></x:xmpmeta><?xpacket end="w"?>').encode("utf-8")
 
 
+# Tags of a TIFF source's first directory that describe its own pixel layout (size, strips, samples) or that are
+# carried separately (XMP, IPTC, ICC): never copied into an output's EXIF, where they would describe the wrong image.
+_LAYOUT_TAGS = {254, 255, 256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 280, 281, 284, 317, 320, 322, 323, 324,
+                325, 338, 339, 340, 341, 513, 514, 530, 531, 532, 700, 33723, 34675}
+
+
 def exif_bytes(existing: bytes | None, prov: dict[str, Any] | None, size: tuple[int, int]) -> bytes:
     """The input's EXIF with orientation reset to 1, the new pixel size, and our description/record."""
     from PIL import Image
@@ -81,6 +87,8 @@ def exif_bytes(existing: bytes | None, prov: dict[str, Any] | None, size: tuple[
     exif = Image.Exif()
     if existing:
         exif.load(existing)
+    for tag in _LAYOUT_TAGS & set(exif):
+        del exif[tag]
     exif[_ORIENTATION] = 1
     ifd = exif.get_ifd(_EXIF_IFD)
     if _PIXEL_X in ifd or _PIXEL_Y in ifd or prov:
@@ -90,6 +98,19 @@ def exif_bytes(existing: bytes | None, prov: dict[str, Any] | None, size: tuple[
         exif[_SOFTWARE] = software(prov)
         ifd[_USER_COMMENT] = b"ASCII\0\0\0" + to_json(prov).encode("ascii")
     return exif.tobytes()
+
+
+def iptc_bytes(records: dict | bytes) -> bytes:
+    """IPTC-IIM records ({(record, dataset): bytes or [bytes, ...]}, as Pillow reads them) as an IIM stream."""
+    if isinstance(records, (bytes, bytearray)):
+        return bytes(records)
+    out = []
+    for (record, dataset), values in sorted(records.items()):
+        for v in values if isinstance(values, list) else [values]:
+            v = v.encode("utf-8") if isinstance(v, str) else bytes(v)
+            if len(v) < 0x8000:
+                out.append(bytes((0x1C, record, dataset)) + len(v).to_bytes(2, "big") + v)
+    return b"".join(out)
 
 
 def _from_json(text: str | bytes | None) -> dict[str, Any] | None:
