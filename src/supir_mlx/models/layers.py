@@ -58,3 +58,16 @@ def timestep_embedding(t: mx.array, dim: int, max_period: float = 10000.0) -> mx
     freqs = mx.array(np.exp(exponent.astype(np.float64)).astype(np.float32))
     args = t.astype(mx.float32)[:, None] * freqs[None]
     return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv (UNet and VAE alike; nearest is exact in any dtype)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+        return self.conv(x)

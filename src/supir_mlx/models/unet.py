@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from ..config import ConfigError, ProjectConfig, UNetConfig
 from .adapters import CrossAttention, ZeroCrossAttn, ZeroSFT
-from .layers import group_norm, timestep_embedding
+from .layers import Upsample, group_norm, timestep_embedding
 
 
 class ResBlock(nn.Module):
@@ -48,17 +48,6 @@ class Downsample(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        b, h, w, c = x.shape
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-        return self.conv(x)
 
 
 class GEGLU(nn.Module):

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import VAEConfig
-from .layers import attention, group_norm
+from .layers import Upsample, attention, group_norm
 
 LOGVAR_RANGE = (-30.0, 20.0)  # DiagonalGaussianDistribution clamps logvar before exp
 
@@ -66,17 +66,6 @@ class Downsample(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         # the official pads right and bottom only, then a stride-2 valid convolution
         return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        b, h, w, c = x.shape
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-        return self.conv(x)
 
 
 class Level(nn.Module):
