@@ -1,0 +1,270 @@
+"""Per-stage wall time and peak memory of a SUPIR restore with full-size random-weight models (no download).
+
+    python bench/bench_restore_memory.py --case 512:1024 --steps 2 --quant 4
+    python bench/bench_restore_memory.py --calibrate all    # the measurements memory.py's formulas are fitted to
+    python bench/bench_restore_memory.py --torch /path/to/other-venv/bin/python   # PyTorch speed ratio
+
+Peak memory is MLX's allocator peak (mx.reset_peak_memory / mx.get_peak_memory) minus the memory already
+held when the stage starts, plus the weights resident in that stage; next to it the planner's estimate
+for the same settings. Stages that need modules not written yet are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from supir_mlx import memory
+from supir_mlx.config import SUPIRConfig
+from supir_mlx.models.unet import GLVControl, LightGLVUNet
+from supir_mlx.models.vae import AutoencoderKL
+from supir_mlx.pipeline.tiled_vae import tiled_decode, tiled_encode, tiled_encode_with_denoise
+from supir_mlx.sampling.denoiser import denoise
+from supir_mlx.sampling.tiled import auto_tiling
+from supir_mlx.weights.quantize import QuantSpec, materialize, parameter_bytes, quantize
+
+GB = 1e9
+# Restores always tile the VAE (outputs are >= 1024 px on the short side by default): calibrate in that regime.
+VAE_SIZES = (768, 1024)
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@dataclass
+class Cond:
+    crossattn: mx.array
+    vector: mx.array
+    control: mx.array
+
+
+class Denoiser(nn.Module):
+    """Control encoder + UNet under their SUPIRModel paths, callable like models.supir.ControlledUNet."""
+
+    def __init__(self, cfg: SUPIRConfig):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.diffusion_model = LightGLVUNet(cfg.unet, cfg.project)
+        self.model.control_model = GLVControl(cfg.unet)
+
+    def __call__(self, x, t, cond, control_scale=1.0):
+        control = self.model.control_model(cond.control, t, x, cond.crossattn, cond.vector)
+        return self.model.diffusion_model(x, t, cond.crossattn, cond.vector, control, control_scale)
+
+
+def build_denoiser(cfg: SUPIRConfig, dtype: mx.Dtype, spec: QuantSpec | None) -> Denoiser:
+    m = Denoiser(cfg)
+    m.set_dtype(dtype)
+    if spec:
+        quantize(m, spec)
+    materialize(m)
+    return m
+
+
+def build_vae(cfg: SUPIRConfig, dtype: mx.Dtype) -> AutoencoderKL:
+    vae = AutoencoderKL(cfg.vae)
+    vae.set_dtype(dtype)
+    materialize(vae)
+    return vae
+
+
+def measure(fn, *args):
+    """(seconds, peak bytes above what was held before, result)."""
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    t = time.perf_counter()
+    out = fn(*args)
+    mx.eval(out)
+    dt = time.perf_counter() - t
+    return dt, mx.get_peak_memory() - base, out
+
+
+def conditions(cfg: SUPIRConfig, control: mx.array, dtype: mx.Dtype) -> tuple[Cond, Cond]:
+    ctx = mx.random.normal((1, 77, cfg.context_dim)).astype(dtype)
+    vec = mx.random.normal((1, cfg.vector_dim)).astype(dtype)
+    return Cond(ctx, vec, control), Cond(ctx * 0.5, vec * 0.5, control)
+
+
+def reduced(cfg: SUPIRConfig, depth: tuple[int, ...] = (1, 1, 1)) -> SUPIRConfig:
+    """Full widths and resolutions, shallower transformer stacks: the activation peak is that of one
+    block (blocks run one after another), so it matches the full model at a quarter of its weights."""
+    return replace(cfg, unet=replace(cfg.unet, transformer_depth=depth, transformer_depth_middle=depth[-1]))
+
+
+def calibrate_unet(cfg: SUPIRConfig, dtype: mx.Dtype) -> None:
+    """Activation peaks the planner's formulas are fitted to, and the least-squares fit itself."""
+    rows = []
+    den = build_denoiser(reduced(cfg), dtype, None)
+    print(f"# reduced-depth denoiser, activations in {dtype}")
+    for batch, s in ((1, 16), (2, 16), (1, 32), (2, 32), (1, 64), (2, 64), (1, 96)):
+        x = mx.random.normal((batch, s, s, 4)).astype(dtype)
+        c = Cond(mx.random.normal((batch, 77, cfg.context_dim)).astype(dtype),
+                 mx.random.normal((batch, cfg.vector_dim)).astype(dtype), x)
+        dt, peak, _ = measure(den, x, mx.full((batch,), 500, dtype=mx.int32), c)
+        rows.append((batch, s, peak))
+        print(f"unet batch={batch} latent={s}x{s} peak={peak} time={dt:.1f}s", flush=True)
+    deeper = build_denoiser(reduced(cfg, (1, 2, 2)), dtype, None)
+    x = mx.random.normal((2, 32, 32, 4)).astype(dtype)
+    c = Cond(mx.random.normal((2, 77, cfg.context_dim)).astype(dtype), mx.random.normal((2, cfg.vector_dim)).astype(dtype), x)
+    print(f"depth check (1,2,2) batch=2 latent=32x32 peak={measure(deeper, x, mx.full((2,), 500, dtype=mx.int32), c)[1]}")
+    del den, deeper
+    mx.clear_cache()
+    a = np.array([[b * s * s, b * min(10 * (s * s / 4) ** 2, 2**26), 1] for b, s, _ in rows], dtype=np.float64)
+    coef = np.linalg.lstsq(a, np.array([p for *_, p in rows], dtype=np.float64), rcond=None)[0]
+    print(f"fit (fp32): UNET_PER_PIXEL={coef[0]:.0f} UNET_PER_SCORE={coef[1]:.2f} UNET_FIXED={coef[2]:.0f}")
+
+
+def calibrate_vae(cfg: SUPIRConfig, dtype: mx.Dtype) -> None:
+    vae = build_vae(cfg, dtype)
+    enc, dec = [], []
+    for px in VAE_SIZES:
+        img = mx.random.uniform(-1, 1, (1, px, px, 3)).astype(dtype)
+        dt, peak, z = measure(tiled_encode, vae, img, memory.VAE_ENCODER_TILE)
+        enc.append((px, peak))
+        print(f"vae_encode px={px} peak={peak} time={dt:.1f}s", flush=True)
+        dt, peak, _ = measure(tiled_decode, vae, z, memory.VAE_DECODER_TILE)
+        dec.append((px, peak))
+        print(f"vae_decode px={px} peak={peak} time={dt:.1f}s", flush=True)
+    for name, pts in (("ENC", enc), ("DEC", dec)):
+        k, c0 = np.polyfit([p * p for p, _ in pts], [b for _, b in pts], 1)
+        print(f"fit (fp32): VAE_{name}_PER_PIXEL={k:.1f} VAE_{name}_FIXED={c0:.0f}")
+
+
+def run_case(cfg: SUPIRConfig, in_px: int, out_px: int, steps: int, dtype: mx.Dtype, spec: QuantSpec | None,
+             batched: bool, full_depth: bool, max_tiles: int | None) -> None:
+    plan = memory.estimate(out_px, out_px, config=cfg, dtype=dtype, quant=spec, unet_tile=memory.DEFAULT_TILE,
+                           cfg_batched=batched, captioner=None)
+    est = {s.name: s for s in plan.stages}
+    vdt = mx.float32 if dtype == mx.float16 else dtype  # the VAE's dtype rule (weights.loading.component_dtypes)
+    print(f"\n## {in_px} -> {out_px} px, {steps} denoiser step(s), {dtype}, quant={spec.bits if spec else 'none'}, "
+          f"CFG {'batch 2' if batched else 'sequential'}")
+    print(f"{'stage':28s} {'time s':>8s} {'peak GB':>8s} {'planned GB':>10s} {'error':>7s}")
+
+    def row(name: str, seconds: float, weights: int, act: int) -> None:
+        e = est[name]
+        measured = weights + act
+        print(f"{name:28s} {seconds:8.1f} {measured / GB:8.2f} {e.total / GB:10.2f} {(e.total / measured - 1):+7.1%}",
+              flush=True)
+
+    t = time.perf_counter()
+    vae = build_vae(cfg, vdt)
+    vae_w = parameter_bytes(vae)
+    print(f"{'load VAE (random)':28s} {time.perf_counter() - t:8.1f}")
+    img = mx.random.uniform(-1, 1, (1, out_px, out_px, 3)).astype(vdt)  # the LQ image upscaled to the output size
+    dt, p, z1 = measure(tiled_encode_with_denoise, vae, img, memory.VAE_ENCODER_TILE)
+    dt2, p2, x1 = measure(tiled_decode, vae, z1, memory.VAE_DECODER_TILE)
+    row("stage-1 (denoise enc + dec)", dt + dt2, vae_w, max(p, p2))
+    dt, p, z = measure(tiled_encode, vae, x1.astype(vdt), memory.VAE_ENCODER_TILE)
+    row("encode", dt, vae_w, p)
+    del x1, img
+    mx.clear_cache()
+
+    t = time.perf_counter()
+    den = build_denoiser(cfg if full_depth else reduced(cfg), dtype, spec)
+    den_w = memory.weight_bytes(cfg, "denoiser", dtype, spec)  # exact bytes of the full model
+    print(f"{'load UNet+control (random)':28s} {time.perf_counter() - t:8.1f}"
+          f"{'' if full_depth else '   reduced depth: activations and time of 1/1/1-deep transformers'}")
+    h, w = z.shape[1:3]
+    tiling = auto_tiling(h, w, memory.DEFAULT_TILE)
+    windows = tiling.windows(h, w) if tiling else [(0, h, 0, w)]
+    cond, uncond = conditions(cfg, z.astype(dtype), dtype)
+    x = mx.random.normal(z.shape).astype(dtype)
+    total, peak = 0.0, 0
+    ran = windows[: max_tiles or len(windows)]
+    for _ in range(steps):
+        for (h0, h1, w0, w1) in ran:
+            crop = lambda c: Cond(c.crossattn, c.vector, c.control[:, h0:h1, w0:w1])  # noqa: E731
+            dt, p, _ = measure(lambda: denoise(den, x[:, h0:h1, w0:w1], 5.0, crop(cond), crop(uncond), 1.0,
+                                               batched=batched))
+            total, peak = total + dt, max(peak, p)
+    total *= len(windows) / len(ran)
+    row("diffusion", total, vae_w + den_w, peak)
+    print(f"{'  per step':28s} {total / steps:8.1f}   ({len(windows)} tile(s) of {windows[0][1] - windows[0][0]}x"
+          f"{windows[0][3] - windows[0][2]} latent{'' if len(ran) == len(windows) else f'; timed {len(ran)}, scaled'})")
+    dt, p, _ = measure(tiled_decode, vae, x, memory.VAE_DECODER_TILE)
+    row("decode", dt, vae_w + den_w, p)
+    print(f"planner peak {plan.peak / GB:.2f} GB")
+
+
+TORCH_STEP = """
+import sys, time, torch
+from diffusers import UNet2DConditionModel
+torch.manual_seed(0)
+cfg = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+           block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+           "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+           transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+           use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+           projection_class_embeddings_input_dim=2816)
+unet = UNet2DConditionModel(**cfg).eval()
+s = int(sys.argv[1])
+x = torch.randn(2, 4, s, s); ctx = torch.randn(2, 77, 2048)
+added = dict(text_embeds=torch.randn(2, 1280), time_ids=torch.randn(2, 6))
+with torch.no_grad():
+    t = time.perf_counter(); unet(x, 500, ctx, added_cond_kwargs=added); print(f"{time.perf_counter() - t:.2f}")
+"""
+
+
+def torch_ratio(python: str, cfg: SUPIRConfig, latent: int) -> None:
+    """One SDXL UNet call (batch 2) in diffusers vs ours (fp32 both, no control encoder) on this machine."""
+    try:
+        r = subprocess.run([python, "-c", TORCH_STEP, str(latent)], capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"torch comparison skipped: {e}")
+        return
+    if r.returncode:
+        print(f"torch comparison skipped: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        return
+    unet = LightGLVUNet(cfg.unet, cfg.project)
+    materialize(unet)
+    ctrl = [mx.zeros((2, latent // d, latent // d, c)) for d, c in
+            ([(1, 320)] * 3 + [(2, 320), (2, 640), (2, 640), (4, 640), (4, 1280), (4, 1280), (4, 1280)])]
+    x, ctx, y = mx.random.normal((2, latent, latent, 4)), mx.random.normal((2, 77, 2048)), mx.random.normal((2, 2816))
+    t = mx.full((2,), 500, dtype=mx.int32)
+    dt, _, _ = measure(unet, x, t, ctx, y, ctrl)
+    print(f"SDXL UNet call, batch 2, {latent}x{latent} latent, fp32: diffusers {float(r.stdout.split()[-1]):.1f} s, "
+          f"supir-mlx {dt:.1f} s (UNet with SUPIR connectors)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", action="append", help="IN:OUT pixels, e.g. 512:1024 (repeatable)")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--dtype", choices=DTYPES, default="float32")
+    ap.add_argument("--quant", choices=("none", "8", "4"), default="none",
+                    help="weight quantization (MLX's CPU backend has no fast quantized kernels: use it on Metal)")
+    ap.add_argument("--full-depth", action="store_true",
+                    help="the real 10-deep transformers (default: 1-deep, same activation peak, 1/4 of the weights)")
+    ap.add_argument("--sequential-cfg", action="store_true")
+    ap.add_argument("--max-tiles", type=int, help="run only this many sampler tiles per step (all tiles are alike: "
+                    "the peak is the same, the step time is scaled up)")
+    ap.add_argument("--calibrate", choices=("unet", "vae", "all"), help="measure the planner's activation constants")
+    ap.add_argument("--torch", metavar="PYTHON", help="a Python with torch + diffusers (separate venv)")
+    ap.add_argument("--torch-latent", type=int, default=64)
+    a = ap.parse_args()
+    print(f"# machine: {platform.machine()} {platform.system()} {platform.processor() or ''}, "
+          f"mlx {mx.__version__}, device {mx.default_device()}")
+    cfg = SUPIRConfig.sdxl_v0()
+    dtype = DTYPES[a.dtype]
+    if a.calibrate in ("unet", "all"):
+        calibrate_unet(cfg, dtype)
+    if a.calibrate in ("vae", "all"):
+        calibrate_vae(cfg, dtype)
+    spec = None if a.quant == "none" else QuantSpec(bits=int(a.quant))
+    for case in a.case or []:
+        i, o = (int(v) for v in case.split(":"))
+        run_case(cfg, i, o, a.steps, dtype, spec, not a.sequential_cfg, a.full_depth, a.max_tiles)
+        mx.clear_cache()
+    if a.torch:
+        torch_ratio(a.torch, cfg, a.torch_latent)
+
+
+if __name__ == "__main__":
+    main()

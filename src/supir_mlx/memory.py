@@ -1,0 +1,264 @@
+"""Memory planner: the peak a restore will reach, computed before any work, and the settings that fit.
+
+Peak = max over stages of (weights resident in that stage + that stage's activation peak).
+- Weights are counted exactly: each network is built lazily (MLX allocates nothing until evaluation)
+  in the run's dtype, quantized by the same `QuantSpec` the weights cache uses, and its arrays'
+  `nbytes` summed. The captioner's count comes from the LLaVA-1.5 shapes (parameters x bytes/param).
+- Activations follow formulas fitted to peaks measured with `bench/bench_restore_memory.py --calibrate`
+  (full-size random-weight networks, MLX CPU backend, fp32 activations; fp16/bf16 activations are
+  taken as half of those). See each formula's comment.
+
+Budget: `--memory-limit` if given, else the Metal recommended working set on a Mac, else total RAM,
+times HEADROOM (the OS, the image buffers and allocator fragmentation need the rest).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .config import SUPIRConfig
+from .weights.quantize import QuantSpec
+
+GB = 1e9
+HEADROOM = 0.85
+DEFAULT_TILE = 128  # official sampler tile, latent pixels
+MIN_TILE = 32
+VAE_ENCODER_TILE = 512  # official VAEHook tile sizes: image pixels (encoder), latent pixels (decoder)
+VAE_DECODER_TILE = 64
+
+# UNet + control encoder, one call on a [B, h, w] latent tile (measured 16..48 latent, B 1 and 2, fp32):
+#   bytes = B * (UNET_PER_PIXEL * h * w + UNET_PER_SCORE * min(heads1 * (h*w/4)^2, 2^26)) * s/4 + UNET_FIXED
+# The first term is the feature maps; the second the attention scores of the 64-channel-head level
+# (10 heads over h*w/4 tokens), which layers.attention chunks at 2^26 scores per batch item.
+UNET_PER_PIXEL = 110_000.0
+UNET_PER_SCORE = 8.0
+UNET_FIXED = 10_000_000
+# Tiled VAE encoder / decoder over an H x W image (measured 128..384 px, fp32). The tiled VAE keeps
+# every tile's activation between GroupNorm barriers, so the peak grows with the whole image:
+#   bytes = VAE_*_PER_PIXEL * H * W * s/4 + VAE_*_FIXED
+VAE_ENC_PER_PIXEL = 1500.0
+VAE_ENC_FIXED = 0
+VAE_DEC_PER_PIXEL = 2000.0
+VAE_DEC_FIXED = 0
+# Text encoders over 77 tokens, batch 2: a few MB of activations; 0.1 GB covers the attention
+# temporaries (estimate, not measured: the encoders run in well under 1% of the weights' bytes).
+TEXT_ACTIVATIONS = int(0.1 * GB)
+# LLaVA-1.5 (estimate, not measured here): vision tower on 577 tokens plus a ~700-token KV cache of a
+# 40-layer 5120-wide (13B) / 32-layer 4096-wide (7B) model in fp16, doubled for temporaries.
+CAPTIONER = {  # parameters (llava-hf layout, vocab 32064) and activation bytes
+    "13b": (13_351_494_656, int(0.8 * GB)),
+    "7b": (7_063_427_072, int(0.6 * GB)),
+}
+CAPTIONER_BITS = 4  # the captioner is converted to 4-bit MLX once
+CAPTIONER_GROUP = 64
+
+
+class MemoryPlanError(RuntimeError):
+    """No setting makes the run fit; the message says how much it needs and what is available."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    weights: int  # bytes of the models resident during the stage
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations
+
+
+@dataclass(frozen=True)
+class Plan:
+    width: int
+    height: int
+    stages: tuple[Stage, ...]
+    budget: int
+    dtype: str
+    quant: QuantSpec | None
+    unet_tile: int
+    cfg_batched: bool
+    captioner: str | None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def peak(self) -> int:
+        return max(s.total for s in self.stages)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+    def __str__(self) -> str:
+        q = f"{self.quant.bits}-bit{' (+3x3 convs)' if self.quant.convs else ''}" if self.quant else "none"
+        lines = [
+            f"Memory plan for a {self.width}x{self.height} output ({self.dtype}, quantization {q}, "
+            f"sampler tile {self.unet_tile} latent px, CFG {'batch 2' if self.cfg_batched else 'sequential'}, "
+            f"captioner {self.captioner or 'none'})",
+            f"  {'stage':30s} {'weights':>9s} {'activ.':>9s} {'total':>9s}",
+        ]
+        for s in self.stages:
+            mark = "  <- peak" if s.total == self.peak else ""
+            lines.append(f"  {s.name:30s} {_gb(s.weights):>9s} {_gb(s.activations):>9s} {_gb(s.total):>9s}{mark}")
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        lines.append(f"  expected peak {_gb(self.peak)} of {_gb(self.budget)} available: {verdict}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _gb(n: int) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def available_memory(limit_gb: float | None = None) -> int:
+    """Bytes this run may use: the given limit, or HEADROOM x (Metal working set, else physical RAM)."""
+    if limit_gb is not None:
+        if limit_gb <= 0:
+            raise MemoryPlanError(f"memory limit must be positive, got {limit_gb} GB")
+        return int(limit_gb * GB)
+    if mx.metal.is_available():
+        total = mx.metal.device_info()["max_recommended_working_set_size"]
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * HEADROOM)
+
+
+def _dtype(dtype: mx.Dtype | str) -> mx.Dtype:
+    if isinstance(dtype, mx.Dtype):
+        return dtype
+    try:
+        return {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[dtype]
+    except KeyError:
+        raise MemoryPlanError(f"unknown dtype '{dtype}' (float32, float16 or bfloat16)") from None
+
+
+@functools.lru_cache(maxsize=64)
+def weight_bytes(config: SUPIRConfig, component: str, dtype: mx.Dtype, quant: QuantSpec | None) -> int:
+    """Exact stored bytes of one component ('denoiser', 'vae', 'text'), counted on a lazily built module."""
+    import mlx.nn as nn
+
+    from .weights.quantize import parameter_bytes, quantize
+
+    root = nn.Module()  # SUPIRModel's attribute paths, so QuantSpec scopes apply unchanged
+    if component == "denoiser":
+        from .models.unet import GLVControl, LightGLVUNet
+
+        root.model = nn.Module()
+        root.model.diffusion_model = LightGLVUNet(config.unet, config.project)
+        root.model.control_model = GLVControl(config.unet)
+    elif component == "vae":
+        from .models.vae import AutoencoderKL
+
+        root.first_stage_model = AutoencoderKL(config.vae)
+    elif component == "text":
+        from .models.conditioner import Conditioner
+
+        root.conditioner = Conditioner(config)
+    else:
+        raise ValueError(f"unknown component '{component}'")
+    root.set_dtype(dtype)
+    if quant is not None and any(path.startswith(quant.scope) for path, _ in root.named_modules()):
+        quantize(root, quant)
+    return parameter_bytes(root)
+
+
+def captioner_bytes(name: str) -> tuple[int, int]:
+    params, act = CAPTIONER[name]
+    per_param = CAPTIONER_BITS / 8 + 2 * 2 / CAPTIONER_GROUP  # packed weight + fp16 scale and bias per group
+    return int(params * per_param), act
+
+
+def unet_activations(h: int, w: int, batch: int, dtype: mx.Dtype) -> int:
+    heads1 = 10  # 640 channels / 64 per head at the first attention level
+    scores = min(heads1 * (h * w / 4) ** 2, 2**26)
+    s = dtype.size / 4
+    return int(batch * (UNET_PER_PIXEL * h * w + UNET_PER_SCORE * scores) * s + UNET_FIXED)
+
+
+def vae_activations(height: int, width: int, dtype: mx.Dtype, decoder: bool) -> int:
+    per_px, fixed = (VAE_DEC_PER_PIXEL, VAE_DEC_FIXED) if decoder else (VAE_ENC_PER_PIXEL, VAE_ENC_FIXED)
+    return int(per_px * height * width * dtype.size / 4 + fixed)
+
+
+def estimate(
+    width: int,
+    height: int,
+    *,
+    config: SUPIRConfig | None = None,
+    dtype: mx.Dtype | str = "float16",
+    quant: QuantSpec | None = None,
+    unet_tile: int = DEFAULT_TILE,
+    cfg_batched: bool = True,
+    captioner: str | None = "13b",
+    budget: int | None = None,
+) -> Plan:
+    """The plan for one output of width x height pixels (multiples of 8) with exactly these settings."""
+    if width < 64 or height < 64 or width % 8 or height % 8:
+        raise MemoryPlanError(f"output size must be at least 64x64 and a multiple of 8, got {width}x{height}")
+    if captioner is not None and captioner not in CAPTIONER:
+        raise MemoryPlanError(f"unknown captioner '{captioner}' (13b, 7b or none)")
+    config = config or SUPIRConfig.sdxl_v0()
+    dt = _dtype(dtype)
+    vdt = mx.float32 if dt == mx.float16 else dt  # the SDXL VAE overflows in fp16 (weights.loading.component_dtypes)
+    vae = weight_bytes(config, "vae", vdt, None)
+    text = weight_bytes(config, "text", dt, quant)  # quantized only if the spec's scope names the conditioner
+    den = weight_bytes(config, "denoiser", dt, quant)
+    lh, lw = height // 8, width // 8
+    th, tw = min(unet_tile, lh), min(unet_tile, lw)
+    latents = 8 * lh * lw * 4 * 4  # x, noise, control, blend sums: a handful of fp32 4-channel latents
+    enc, dec = vae_activations(height, width, vdt, False), vae_activations(height, width, vdt, True)
+    stages = []
+    if captioner:
+        cap_w, cap_a = captioner_bytes(captioner)
+        stages.append(Stage(f"caption (LLaVA {captioner})", cap_w + vae, cap_a))
+    stages += [
+        Stage("stage-1 (denoise enc + dec)", vae, max(enc, dec)),
+        Stage("text encoders", vae + text, TEXT_ACTIVATIONS),
+        Stage("encode", vae, enc),
+        # the pipeline keeps the whole SUPIRModel (text encoders included) loaded through sampling and decoding
+        Stage("diffusion", vae + text + den, unet_activations(th, tw, 2 if cfg_batched else 1, dt) + latents),
+        Stage("decode", vae + text + den, dec),
+    ]
+    return Plan(width, height, tuple(stages), budget if budget is not None else available_memory(), str(dt).split(".")[-1],
+                quant, unet_tile, cfg_batched, captioner)
+
+
+def plan(
+    width: int,
+    height: int,
+    *,
+    config: SUPIRConfig | None = None,
+    dtype: mx.Dtype | str = "float16",
+    captioner: str | None = "13b",
+    memory_limit_gb: float | None = None,
+    quant: QuantSpec | None | str = "auto",
+    unet_tile: int | None = None,
+) -> Plan:
+    """The highest-quality settings that fit; raises MemoryPlanError before any work if none does.
+
+    Preference: unquantized, then 8-bit, then 4-bit weights; within each, the official 128-latent tile
+    with batched CFG, then sequential CFG (same numbers, half the activations), then smaller tiles.
+    A fixed `quant` or `unet_tile` is respected as given.
+    """
+    budget = available_memory(memory_limit_gb)
+    quants = [None, QuantSpec(bits=8), QuantSpec(bits=4)] if quant == "auto" else [quant]
+    tiles = [unet_tile] if unet_tile else [DEFAULT_TILE, 96, 64, 48, MIN_TILE]
+    best = None
+    for q in quants:
+        for tile in tiles:
+            for batched in (True, False):
+                p = estimate(width, height, config=config, dtype=dtype, quant=q, unet_tile=tile, cfg_batched=batched,
+                             captioner=captioner, budget=budget)
+                if p.fits:
+                    return p
+                best = p if best is None or p.peak < best.peak else best
+    worst = max(best.stages, key=lambda s: s.total)
+    hint = " (try --captioner 7b or none)" if captioner and worst.name.startswith("caption") else ""
+    raise MemoryPlanError(
+        f"a {width}x{height} restore needs at least {_gb(best.peak)} (stage '{worst.name}') but only "
+        f"{_gb(budget)} is available{hint}; use a smaller --upscale or raise --memory-limit"
+    )

@@ -1,0 +1,92 @@
+"""The memory planner: exact weight bytes, stage estimates, choosing settings that fit, refusing early."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from supir_mlx import memory
+from supir_mlx.config import SUPIRConfig
+from supir_mlx.memory import GB, MemoryPlanError
+from supir_mlx.weights.quantize import QuantSpec
+
+FULL = SUPIRConfig.sdxl_v0()
+# Exact parameter counts of the official model (reference manifests, meta-device build of SUPIR_v0.yaml).
+UNET, CONTROL, PROJECT = 2_567_463_684, 1_243_378_880, 54_797_440
+VAE = 2 * 34_163_592 + 49_490_179 + 92  # encoder, denoise_encoder, decoder, quant convs
+TEXT = 123_060_480 + 694_659_841
+
+
+def test_weight_bytes_are_exact_for_the_full_model():
+    assert memory.weight_bytes(FULL, "denoiser", mx.float16, None) == 2 * (UNET + CONTROL + PROJECT)
+    assert memory.weight_bytes(FULL, "vae", mx.float32, None) == 4 * VAE
+    assert memory.weight_bytes(FULL, "text", mx.bfloat16, None) == 2 * TEXT
+
+
+def test_quantized_weight_bytes():
+    fp16 = memory.weight_bytes(FULL, "denoiser", mx.float16, None)
+    q8 = memory.weight_bytes(FULL, "denoiser", mx.float16, QuantSpec(bits=8))
+    q4 = memory.weight_bytes(FULL, "denoiser", mx.float16, QuantSpec(bits=4))
+    q4_linear_only = memory.weight_bytes(FULL, "denoiser", mx.float16, QuantSpec(bits=4, convs=False))
+    # packed bits plus a 16-bit scale and bias per 64 weights, over the ~all of the weights that quantize
+    assert 0.50 < q8 / fp16 < 0.56 and 0.26 < q4 / fp16 < 0.32
+    assert q4 < 0.8 * q4_linear_only  # the 3x3 convs are a large share of the UNet
+
+
+def test_stages_and_printout():
+    p = memory.estimate(1024, 1024, dtype="float16", quant=QuantSpec(bits=4), captioner="13b", budget=int(16 * GB))
+    names = [s.name for s in p.stages]
+    assert names == ["caption (LLaVA 13b)", "stage-1 (denoise enc + dec)", "text encoders", "encode", "diffusion", "decode"]
+    assert p.peak == max(s.total for s in p.stages) and p.fits
+    text = str(p)
+    assert "expected peak" in text and "<- peak" in text and "4-bit" in text
+    # the 13B captioner at 4 bits: ~13.35e9 params * (0.5 + 1/16) bytes, beside the VAE
+    vae = memory.weight_bytes(FULL, "vae", mx.float32, None)
+    assert 7.3 * GB < p.stages[0].weights - vae < 7.9 * GB
+    # the whole SUPIRModel stays loaded while sampling: VAE + text encoders + denoiser
+    assert p.stages[4].weights == vae + memory.weight_bytes(FULL, "text", mx.float16, None) + memory.weight_bytes(
+        FULL, "denoiser", mx.float16, QuantSpec(bits=4))
+
+
+def test_activation_formulas_grow_with_size_and_batch():
+    a = memory.unet_activations(64, 64, 2, mx.float16)
+    assert memory.unet_activations(128, 128, 2, mx.float16) > a > memory.unet_activations(64, 64, 1, mx.float16) > 0
+    assert memory.unet_activations(64, 64, 2, mx.float32) > a
+    assert memory.vae_activations(2048, 2048, mx.float16, True) > memory.vae_activations(1024, 1024, mx.float16, True) > 0
+
+
+def test_planner_trades_quality_for_memory_only_when_needed():
+    roomy = memory.plan(1024, 1024, captioner=None, memory_limit_gb=64)
+    assert roomy.quant is None and roomy.unet_tile == 128 and roomy.cfg_batched
+    q8 = memory.plan(1024, 1024, captioner=None, memory_limit_gb=roomy.peak / GB - 0.5)
+    assert q8.fits and q8.peak < roomy.peak and (q8.quant is None or q8.quant.bits == 8)
+    q4 = memory.plan(1024, 1024, captioner=None, memory_limit_gb=q8.peak / GB - 0.01)
+    assert q4.fits and q4.peak < q8.peak
+    fixed = memory.plan(1024, 1024, captioner=None, memory_limit_gb=64, quant=QuantSpec(bits=4), unet_tile=64)
+    assert fixed.quant.bits == 4 and fixed.unet_tile == 64
+
+
+def test_tiles_shrink_only_the_diffusion_stage():
+    big = memory.estimate(2048, 2048, captioner=None, unet_tile=128, budget=GB)
+    small = memory.estimate(2048, 2048, captioner=None, unet_tile=64, budget=GB)
+    diff = {a.name: b.total - a.total for a, b in zip(big.stages, small.stages)}
+    assert diff["diffusion"] < 0 and all(v == 0 for k, v in diff.items() if k != "diffusion")
+
+
+def test_refuses_before_work_with_one_line():
+    with pytest.raises(MemoryPlanError, match=r"needs at least .* but only 2.00 GB is available"):
+        memory.plan(1024, 1024, captioner=None, memory_limit_gb=2)
+    with pytest.raises(MemoryPlanError, match="try --captioner 7b or none"):
+        memory.plan(1024, 1024, captioner="13b", memory_limit_gb=6)
+    with pytest.raises(MemoryPlanError, match="multiple of 8"):
+        memory.estimate(1000, 1001, budget=GB)
+    with pytest.raises(MemoryPlanError, match="must be positive"):
+        memory.available_memory(0)
+    with pytest.raises(MemoryPlanError, match="unknown captioner"):
+        memory.estimate(1024, 1024, captioner="70b", budget=GB)
+
+
+def test_available_memory_uses_the_machine_with_headroom():
+    got = memory.available_memory()
+    assert 0 < got < 2**50
+    assert memory.available_memory(12) == 12 * GB
