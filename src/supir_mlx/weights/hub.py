@@ -28,6 +28,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 import huggingface_hub
@@ -135,7 +136,10 @@ def required_files(
 
 
 def fetch(
-    need: dict[str, list[Path | HubFile]], offline: bool = False, cache_dir: str | Path | None = None
+    need: dict[str, list[Path | HubFile]],
+    offline: bool = False,
+    cache_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict[str, list[Path]]:
     """Local paths of every needed file, downloading what is missing; one error lists everything missing."""
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
@@ -148,7 +152,7 @@ def fetch(
             path = f if isinstance(f, Path) else _local(f, cache)
             if path is None and not offline:
                 try:
-                    path = download(f, cache)
+                    path = download(f, cache, log)
                 except _Unreachable as e:
                     missing.append((f, str(e)))
                     offline = True  # no network: list the rest without waiting on each of them
@@ -187,7 +191,7 @@ class _Unreachable(Exception):
     pass
 
 
-def download(f: HubFile, cache: Path) -> Path:
+def download(f: HubFile, cache: Path, log: Callable[[str], None] = print) -> Path:
     """Download one file into the HF cache (resuming a partial one), verify it, return its cache path."""
     ep = endpoint()
     url = huggingface_hub.hf_hub_url(f.repo_id, f.filename, revision=f.revision, endpoint=ep)
@@ -212,7 +216,7 @@ def download(f: HubFile, cache: Path) -> Path:
         if meta.size is not None and have > meta.size:
             part.unlink()
             have = 0
-        print(f"{'Resuming' if have else 'Downloading'} {f.repo_id}/{f.filename} ({_fmt(meta.size)})", flush=True)
+        log(f"{'Resuming' if have else 'Downloading'} {f.repo_id}/{f.filename} ({_fmt(meta.size)})")
         headers = huggingface_hub.utils.build_hf_headers()
         if urlparse(meta.location).netloc != urlparse(url).netloc:
             headers.pop("authorization", None)  # never send a token to a CDN host
