@@ -161,6 +161,8 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
         _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption or prompt is not None)
         return
 
+    quantize = _fitting_quantization(items, settings, weights, dtype, captioner, quantize, memory_limit,
+                                     no_caption or prompt is not None)
     restorer = _load(weights, sdxl, supir, settings.model, source, captioner, captioner_weights, dtype, vae_dtype,
                      quantize, memory_limit, offline, no_caption or prompt is not None)
     progress = ProgressBar("", enabled=not quiet and sys.stderr.isatty())
@@ -292,29 +294,62 @@ def _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, co
             write_compare(path, np.asarray(loaded.to_pil()), np.asarray(result.images[i]), provenance=prov, overwrite=overwrite)
 
 
-def _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed) -> None:
+def _plans(items, settings, weights, dtype, captioner, quant, memory_limit, no_caption_needed):
+    """(item, header line, Plan or MemoryPlanError, or None for an unreadable file) per input, from the file
+    headers alone (nothing decoded)."""
     from ..config import SUPIRConfig
-    from ..io.images import open_header
+    from ..io.images import ImageError, open_header
     from ..memory import MemoryPlanError, plan
     from ..pipeline.preprocess import processing_size
     from ..pipeline.restore import default_dtype
     from ..weights.loading import dtype_name
-    from ..weights.quantize import QuantSpec
 
     config = SUPIRConfig.load(weights / "config.json") if weights else SUPIRConfig.sdxl_v0()
     cap = None if no_caption_needed or captioner == "none" else captioner
-    quant = QuantSpec(bits=int(quantize)) if quantize else "auto"
-    failed = False
     for item in items:
-        with open_header(item.input) as im:
-            w, h = im.size
-        W, H, h0, w0 = processing_size(w, h, settings.upscale, settings.min_size)
-        click.echo(f"{item.input}: {w}x{h} -> output {w0}x{h0} (working size {W}x{H})")
         try:
-            click.echo(str(plan(W, H, config=config, dtype=dtype or dtype_name(default_dtype()), captioner=cap,
-                                memory_limit_gb=memory_limit, quant=quant, unet_tile=settings.tile_size)))
+            with open_header(item.input) as im:
+                w, h = im.size
+        except ImageError as e:  # reported (and skipped) when the batch reaches this file
+            yield item, str(e), None
+            continue
+        W, H, h0, w0 = processing_size(w, h, settings.upscale, settings.min_size)
+        line = f"{item.input}: {w}x{h} -> output {w0}x{h0} (working size {W}x{H})"
+        try:
+            yield item, line, plan(W, H, config=config, dtype=dtype or dtype_name(default_dtype()), captioner=cap,
+                                   memory_limit_gb=memory_limit, quant=quant, unet_tile=settings.tile_size)
         except MemoryPlanError as e:
-            click.echo(f"  DOES NOT FIT: {e}")
+            yield item, line, e
+
+
+def _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed) -> None:
+    from ..memory import MemoryPlanError
+    from ..weights.quantize import QuantSpec
+
+    quant = QuantSpec(bits=int(quantize)) if quantize else ("auto" if not weights else None)
+    failed = False
+    for _, line, p in _plans(items, settings, weights, dtype, captioner, quant, memory_limit, no_caption_needed):
+        click.echo(line)
+        if isinstance(p, MemoryPlanError):
+            click.echo(f"  DOES NOT FIT: {p}")
             failed = True
+        elif p is not None:
+            click.echo(str(p))
     if failed:
         sys.exit(1)
+
+
+def _fitting_quantization(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed):
+    """Before loading anything: the weight quantization every input's plan needs (the strongest wins), or a
+    one-line refusal naming the first input that cannot fit."""
+    from ..memory import MemoryPlanError
+    from ..weights.quantize import QuantSpec
+
+    quant = QuantSpec(bits=int(quantize)) if quantize else ("auto" if not weights else None)
+    bits = int(quantize) if quantize else None
+    for item, _, p in _plans(items, settings, weights, dtype, captioner, quant, memory_limit, no_caption_needed):
+        if isinstance(p, MemoryPlanError):
+            raise Fail(f"{item.input}: {p}")
+        if p is not None and p.quant is not None and (bits is None or p.quant.bits < bits):
+            bits = p.quant.bits
+    return bits
