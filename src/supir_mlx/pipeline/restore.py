@@ -240,12 +240,12 @@ class Restorer:
 
     def _vae_tiles(self, H: int, W: int, s: RestoreSettings, budget: int) -> VAETiles:
         if s.vae_encoder_tile or s.vae_decoder_tile:
-            return VAETiles(s.vae_encoder_tile, s.vae_decoder_tile)
+            return VAETiles(s.vae_encoder_tile, s.vae_decoder_tile, budget)
         size = 2 if self.runner.vae_dtype != mx.float32 else 4
         p = tiled_vae.plan_tiles(self.config.vae, H, W, budget, size)
         f = self.config.vae.downsample_factor
         return VAETiles(p.encoder_tile if p.encoder_tile < max(H, W) else None,
-                        p.decoder_tile if p.decoder_tile < -(-max(H, W) // f) else None)
+                        p.decoder_tile if p.decoder_tile < -(-max(H, W) // f) else None, budget)
 
 
 def draft_box(width: int, height: int, settings: RestoreSettings, side: int = 1024) -> tuple[int, int, int, int]:

@@ -35,10 +35,12 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class VAETiles:
-    """VAE tile sizes (encoder: image pixels, decoder: latent pixels); None runs that pass untiled."""
+    """VAE tile sizes (encoder: image pixels, decoder: latent pixels); None runs that pass untiled.
+    A tiled pass whose states would not fit `budget_bytes` keeps them on disk (None: always in RAM)."""
 
     encoder: int | None = None
     decoder: int | None = None
+    budget_bytes: int | None = None
 
 
 @dataclass
@@ -117,19 +119,19 @@ class SupirRunner:
     def encode_with_denoise(self, x: mx.array, tiles: VAETiles) -> mx.array:
         x = x.astype(self.vae_dtype)
         if tiles.encoder and tiled_vae.needs_tiling(x.shape[1], x.shape[2], tiles.encoder, False):
-            return _f32(tiled_vae.tiled_encode_with_denoise(self.vae, x, tiles.encoder))
+            return _f32(tiled_vae.tiled_encode_with_denoise(self.vae, x, tiles.encoder, tiles.budget_bytes))
         return _f32(self.vae.encode_with_denoise(x))
 
     def encode_sample(self, x: mx.array, noise: mx.array, tiles: VAETiles) -> mx.array:
         x = x.astype(self.vae_dtype)
         if tiles.encoder and tiled_vae.needs_tiling(x.shape[1], x.shape[2], tiles.encoder, False):
-            return _f32(tiled_vae.tiled_encode(self.vae, x, tiles.encoder, noise))
+            return _f32(tiled_vae.tiled_encode(self.vae, x, tiles.encoder, noise, tiles.budget_bytes))
         return _f32(self.vae.encode(x, noise))
 
     def decode(self, z: mx.array, tiles: VAETiles) -> mx.array:
         z = z.astype(self.vae_dtype)
         if tiles.decoder and tiled_vae.needs_tiling(z.shape[1], z.shape[2], tiles.decoder, True):
-            return _f32(tiled_vae.tiled_decode(self.vae, z, tiles.decoder))
+            return _f32(tiled_vae.tiled_decode(self.vae, z, tiles.decoder, tiles.budget_bytes))
         return _f32(self.vae.decode(z))
 
     def denoise_stage1(self, x: mx.array, tiles: VAETiles = VAETiles()) -> mx.array:

@@ -9,20 +9,24 @@ valid centre of each finished tile is cropped and the crops are stitched. The re
 differs from the untiled network, and reproduces the official numbers (fast mode and colour-fix
 mode of VAEHook are off in SUPIR and are not implemented).
 
-Memory: between two norms, each tile's activation (and its pending residual) must be kept, so the
-held state is about the full-image activation plus the overlap of the padded tiles; everything else
-(one tile's working set, the attention scores) scales with the tile. Each tile's state is evaluated
-at every barrier so no lazy graph keeps earlier activations alive, and finished tiles are cropped at once.
+Memory: between two norms every tile's state (its activation, and the residual branch when one is
+pending) must be kept, about the full-image activation plus the overlap of the padded tiles, so in RAM
+the peak grows with the image. With `spill=True` the states live in a scratch file instead and only
+one tile's working set is in RAM: a bounded peak for any image size, paid for in disk traffic (see
+`spill_traffic`). The numbers are the same either way: the same operations run on the same values.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+import tempfile
+from dataclasses import dataclass, field
 from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..models.vae import AutoencoderKL, Decoder, Encoder, ResnetBlock
 
@@ -144,13 +148,101 @@ def _shared_norm(h: mx.array, norm: nn.GroupNorm, mean: mx.array, var: mx.array)
 
 
 def _segments(ops: list[Op]) -> list[list[Op]]:
-    """Cut the op list before every norm: each segment after the first starts with its norm."""
+    """Cut the op list before every norm, the barriers: each segment after the first starts with its norm.
+
+    A residual branch taken just before a norm moves behind the cut, to the head of the segment (it is a
+    function of the same h), so that barrier holds h alone instead of h plus the branch.
+    """
     segments: list[list[Op]] = [[]]
     for op in ops:
         if op[0] == "norm":
-            segments.append([])
+            segments.append([segments[-1].pop()] if segments[-1][-1][0] == "res" else [])
         segments[-1].append(op)
     return segments
+
+
+def _pending_residuals(segments: list[list[Op]]) -> list[bool]:
+    """Whether a residual branch is still waiting for its add at the barrier after each segment."""
+    pending, out = False, []
+    for segment in segments:
+        for kind, _ in segment:
+            pending = kind == "res" or (pending and kind != "add")
+        out.append(pending)
+    return out
+
+
+def _run(segment: list[Op], h: mx.array, res: mx.array | None, stats) -> tuple[mx.array, mx.array | None]:
+    for kind, f in segment:
+        if kind == "norm":
+            h = _shared_norm(h, f, *stats)  # type: ignore[arg-type]
+        elif kind == "res":
+            res = f(h)  # type: ignore[operator]
+        elif kind == "add":
+            h, res = h + res, None
+        else:
+            h = f(h)  # type: ignore[operator]
+    return h, res
+
+
+def _write(f, a: mx.array) -> tuple[int, tuple[int, ...], mx.Dtype]:
+    offset = f.seek(0, os.SEEK_END)
+    f.write(memoryview(a))
+    return offset, tuple(a.shape), a.dtype
+
+
+def _read(f, offset: int, shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
+    buf = np.empty(math.prod(shape) * dtype.size, np.uint8)
+    f.seek(offset)
+    if f.readinto(buf) != buf.size:
+        raise OSError(f"the tiled-VAE scratch file ended early at byte {offset}")
+    return mx.array(buf).view(dtype).reshape(shape)
+
+
+@dataclass
+class _TileStates:
+    """Each tile's (h, pending residual) at the last stored barrier (spilled: h, as no residual is pending).
+
+    In RAM a tile's slot is emptied when it is read, so its old and new state never coexist. Spilled, the
+    states of one barrier go to a fresh scratch file that replaces the previous one once complete; the files
+    are unlinked at creation (`TemporaryFile`), so the OS reclaims them even if the process is killed.
+    """
+
+    ram: list  # before the first spilled barrier: the input tiles, lazy slices of the input
+    spill: bool
+    file: object = None
+    where: dict = field(default_factory=dict)
+    next: object = None
+    next_where: dict = field(default_factory=dict)
+
+    def get(self, i: int) -> tuple[mx.array, mx.array | None]:
+        if self.file is not None:
+            return _read(self.file, *self.where[i]), None
+        state = self.ram[i]
+        if not self.spill:
+            self.ram[i] = None
+        return state
+
+    def put(self, i: int, h: mx.array, res: mx.array | None) -> None:
+        if not self.spill:
+            self.ram[i] = (h, res)
+            return
+        if res is not None:
+            raise ValueError("a barrier with a pending residual is recomputed, not spilled")
+        if self.next is None:
+            self.next = tempfile.TemporaryFile()  # noqa: SIM115 - lives until commit() or close()
+        self.next_where[i] = _write(self.next, h)
+
+    def commit(self) -> None:
+        """Every tile has stored its state at this barrier: the previous barrier's file can go."""
+        if self.next is not None:
+            if self.file is not None:
+                self.file.close()
+            self.file, self.where, self.next, self.next_where, self.ram = self.next, self.next_where, None, {}, []
+
+    def close(self) -> None:
+        for f in (self.file, self.next):
+            if f is not None:
+                f.close()
 
 
 def _crop(h: mx.array, tile: Tile, is_decoder: bool) -> mx.array:
@@ -167,8 +259,15 @@ def _crop(h: mx.array, tile: Tile, is_decoder: bool) -> mx.array:
     return out
 
 
-def tiled_forward(net: Encoder | Decoder, x: mx.array, tile_size: int) -> mx.array:
-    """`net(x)` the way VAEHook runs it: untiled when max(H, W) <= 2 * pad + tile_size, else tiled."""
+def tiled_forward(net: Encoder | Decoder, x: mx.array, tile_size: int, spill: bool = False) -> mx.array:
+    """`net(x)` the way VAEHook runs it: untiled when max(H, W) <= 2 * pad + tile_size, else tiled.
+
+    `spill` keeps the tile states in a scratch file (in the system temporary folder, TMPDIR) instead of
+    RAM. It stores only the barriers without a pending residual (for the SDXL decoder 42% of the writes and
+    61% of the traffic of storing every barrier); the barriers in between are recomputed from the stored
+    one: one more convolution per ResNet block, cheaper than writing and reading two more full-resolution
+    activations.
+    """
     if not isinstance(tile_size, int) or tile_size < 1:
         raise ValueError(f"tile size must be a positive integer, got {tile_size!r}")
     is_decoder = isinstance(net, Decoder)
@@ -176,42 +275,47 @@ def tiled_forward(net: Encoder | Decoder, x: mx.array, tile_size: int) -> mx.arr
     if not needs_tiling(height, width, tile_size, is_decoder):
         return net(x)
     tiles, cols = split_tiles(height, width, tile_size, is_decoder)
-    states: list[tuple[mx.array, mx.array | None]] = [
-        (x[:, t.src[2] : t.src[3], t.src[0] : t.src[1], :], None) for t in tiles
-    ]
     segments = _segments(network_ops(net))
-    shared: tuple[mx.array, mx.array] | None = None
-    for k, segment in enumerate(segments):
-        last = k == len(segments) - 1
-        tile_stats: list[tuple[mx.array, mx.array, int]] = []
-        for i, (h, res) in enumerate(states):
-            for kind, f in segment:
-                if kind == "norm":
-                    h = _shared_norm(h, f, *shared)  # type: ignore[arg-type, misc]
-                elif kind == "res":
-                    res = f(h)  # type: ignore[operator]
-                elif kind == "add":
-                    h, res = h + res, None
-                else:
-                    h = f(h)  # type: ignore[operator]
-            if last:
-                h = _crop(h, tiles[i], is_decoder)
-                mx.eval(h)
-            else:
+    pending = _pending_residuals(segments)
+    inputs = [(x[:, t.src[2] : t.src[3], t.src[0] : t.src[1], :], None) for t in tiles]
+    shared: list[tuple[mx.array, mx.array]] = []  # the statistics of every barrier so far
+    crops: list[mx.array] = []
+    start = 0  # the first segment to run from the stored states
+    states = _TileStates(inputs, spill)
+    try:
+        for k in range(len(segments)):
+            last = k == len(segments) - 1
+            store = not last and not (spill and pending[k])
+            tile_stats: list[tuple[mx.array, mx.array, int]] = []
+            for i, tile in enumerate(tiles):
+                h, res = states.get(i)
+                for j in range(start, k + 1):
+                    h, res = _run(segments[j], h, res, shared[j - 1] if j else None)
+                if last:
+                    crops.append(_crop(h, tile, is_decoder))
+                    mx.eval(crops[-1])
+                    continue
                 mean, var = _group_stats(h)
                 tile_stats.append((mean, var, h.shape[1] * h.shape[2]))
-                mx.eval(h, res, mean, var)
-            states[i] = (h, res)
-        if not last:
-            pixels = mx.array([p for _, _, p in tile_stats], dtype=mx.float32)
-            weights = pixels / pixels.max()
-            weights = (weights / weights.sum())[:, None, None]
-            shared = (
-                mx.sum(mx.stack([m for m, _, _ in tile_stats]) * weights, axis=0),
-                mx.sum(mx.stack([v for _, v, _ in tile_stats]) * weights, axis=0),
-            )
-            mx.eval(*shared)
-    crops = [h for h, _ in states]
+                if store:
+                    mx.eval(h, res, mean, var)
+                    states.put(i, h, res)
+                else:
+                    mx.eval(mean, var)
+            if not last:
+                pixels = mx.array([p for _, _, p in tile_stats], dtype=mx.float32)
+                weights = pixels / pixels.max()
+                weights = (weights / weights.sum())[:, None, None]
+                shared.append((
+                    mx.sum(mx.stack([m for m, _, _ in tile_stats]) * weights, axis=0),
+                    mx.sum(mx.stack([v for _, v, _ in tile_stats]) * weights, axis=0),
+                ))
+                mx.eval(*shared[-1])
+            if store:
+                states.commit()
+                start = k + 1
+    finally:
+        states.close()
     rows = [mx.concatenate(crops[r : r + cols], axis=2) for r in range(0, len(crops), cols)]
     return mx.concatenate(rows, axis=1)
 
@@ -222,38 +326,53 @@ def _image(vae: AutoencoderKL, x: mx.array) -> mx.array:
     return x.astype(vae.dtype)
 
 
-def tiled_encoder_features(vae: AutoencoderKL, x: mx.array, tile_size: int, denoise: bool = False) -> mx.array:
+def _spill(vae: AutoencoderKL, height: int, width: int, tile_size: int, is_decoder: bool, budget_bytes: int | None) -> bool:
+    """Spill when the in-RAM estimate exceeds the budget: the rule `plan_tiles` plans with (None: never)."""
+    dtype_size = vae.dtype.size
+    return budget_bytes is not None and estimate_bytes(vae.cfg, height, width, tile_size, is_decoder, dtype_size) > budget_bytes
+
+
+def tiled_encoder_features(
+    vae: AutoencoderKL, x: mx.array, tile_size: int, denoise: bool = False, budget_bytes: int | None = None
+) -> mx.array:
     """Raw output of the (denoise) encoder, tiled: [B, H/8, W/8, 2*z_channels]."""
     net = vae.denoise_encoder if denoise else vae.encoder
-    return tiled_forward(net, _image(vae, x), tile_size)
+    x = _image(vae, x)
+    spill = _spill(vae, x.shape[1], x.shape[2], tile_size, False, budget_bytes)
+    return tiled_forward(net, x, tile_size, spill)
 
 
-def tiled_encode_moments(vae: AutoencoderKL, x: mx.array, tile_size: int) -> mx.array:
+def tiled_encode_moments(vae: AutoencoderKL, x: mx.array, tile_size: int, budget_bytes: int | None = None) -> mx.array:
     """`vae.encode_moments` with the plain encoder tiled."""
-    return vae.moments_from_features(tiled_encoder_features(vae, x, tile_size))
+    return vae.moments_from_features(tiled_encoder_features(vae, x, tile_size, budget_bytes=budget_bytes))
 
 
-def tiled_encode(vae: AutoencoderKL, x: mx.array, tile_size: int, noise: mx.array | None = None) -> mx.array:
+def tiled_encode(
+    vae: AutoencoderKL, x: mx.array, tile_size: int, noise: mx.array | None = None, budget_bytes: int | None = None
+) -> mx.array:
     """`vae.encode` (official encode_first_stage under init_tile_vae)."""
-    return vae.latent_from_moments(tiled_encode_moments(vae, x, tile_size), noise)
+    return vae.latent_from_moments(tiled_encode_moments(vae, x, tile_size, budget_bytes), noise)
 
 
-def tiled_encode_with_denoise(vae: AutoencoderKL, x: mx.array, tile_size: int) -> mx.array:
+def tiled_encode_with_denoise(vae: AutoencoderKL, x: mx.array, tile_size: int, budget_bytes: int | None = None) -> mx.array:
     """`vae.encode_with_denoise` with the denoise encoder tiled."""
-    h = tiled_encoder_features(vae, x, tile_size, denoise=True)
+    h = tiled_encoder_features(vae, x, tile_size, denoise=True, budget_bytes=budget_bytes)
     return vae.latent_from_moments(vae.moments_from_features(h))
 
 
-def tiled_decode(vae: AutoencoderKL, z: mx.array, tile_size: int) -> mx.array:
-    """`vae.decode` with the decoder tiled; `tile_size` is in latent pixels."""
-    return tiled_forward(vae.decoder, vae.decoder_input(z), tile_size).astype(mx.float32)
+def tiled_decode(vae: AutoencoderKL, z: mx.array, tile_size: int, budget_bytes: int | None = None) -> mx.array:
+    """`vae.decode` with the decoder tiled; `tile_size` is in latent pixels. With a `budget_bytes` the tile
+    states spill to disk when they would not fit in it."""
+    f = vae.cfg.downsample_factor
+    spill = _spill(vae, z.shape[1] * f, z.shape[2] * f, tile_size, True, budget_bytes)
+    return tiled_forward(vae.decoder, vae.decoder_input(z), tile_size, spill).astype(mx.float32)
 
 
 # --- choosing tile sizes -------------------------------------------------------------------------
 # Peak memory model (bytes), calibrated with bench/bench_tiled_vae.py on the MLX CPU backend:
-#   held    = the state every tile keeps at the widest GroupNorm barrier: at full resolution, the
-#             activation plus its pending residual (decoder: upsampled c1 + shortcut c0 channels;
-#             encoder: c0 + c0), summed over the padded tiles (so the overlap counts);
+#   held    = in RAM: the state every tile keeps at the widest GroupNorm barrier, summed over the padded
+#             tiles (so the overlap counts); spilled: SPILL_COPIES states of one tile (read into a numpy
+#             buffer, then MLX, the recomputed barrier, the state written; measured);
 #   working = what one tile needs while it runs, TILE_COPIES full-resolution activations of the widest
 #             channel count (a 3x3 convolution unfolds its input 9x on the CPU backend), plus the
 #             attention scores of the mid block (queries are chunked to MAX_SCORE_ELEMENTS).
@@ -261,6 +380,7 @@ def tiled_decode(vae: AutoencoderKL, z: mx.array, tile_size: int) -> mx.array:
 # a tile does (UNTILED_COPIES, measured). Smaller tiles shrink `working` but grow `held` (more
 # overlap), so the largest tile that fits is the best one. Re-measure both factors on Metal.
 TILE_COPIES = 16
+SPILL_COPIES = 6
 UNTILED_COPIES = 48
 ENCODER_TILES = (2048, 1536, 1024, 768, 512, 384, 256, 192, 128)  # image pixels
 DECODER_TILES = (256, 192, 160, 128, 96, 64, 48, 32, 24, 16)  # latent pixels
@@ -269,60 +389,131 @@ DECODER_TILES = (256, 192, 160, 128, 96, 64, 48, 32, 24, 16)  # latent pixels
 @dataclass(frozen=True)
 class TilePlan:
     """Tile sizes for `tiled_encode*` (image pixels) and `tiled_decode` (latent pixels), with the
-    estimated peak bytes of each; a tile size >= the image side means the pass runs untiled."""
+    estimated peak bytes of each; a tile size >= the image side means the pass runs untiled. `*_spill`:
+    the pass keeps its tile states on disk, needing at most `disk_bytes` of scratch space."""
 
     encoder_tile: int
     decoder_tile: int
     encoder_bytes: int
     decoder_bytes: int
     fits: bool
+    encoder_spill: bool = False
+    decoder_spill: bool = False
+    disk_bytes: int = 0
 
 
-def estimate_bytes(cfg, height: int, width: int, tile_size: int, is_decoder: bool, dtype_size: int) -> int:
+def _barriers(cfg, is_decoder: bool) -> list[tuple[int, int, bool]]:
+    """(channels held, area divisor from full resolution, residual pending) at each barrier, in the order
+    `_segments(network_ops(net))` meets them: norm1 of a ResNet block holds its input, norm2 holds conv1's
+    output plus the residual branch."""
+    ch, n, top = cfg.ch, len(cfg.ch_mult), cfg.ch * cfg.ch_mult[-1]
+
+    def block(cin: int, cout: int, div: int) -> list[tuple[int, int, bool]]:
+        return [(cin, div, False), (2 * cout, div, True)]
+
+    def mid(div: int) -> list[tuple[int, int, bool]]:
+        return block(top, top, div) + [(top, div, False)] + block(top, top, div)
+
+    out, cin = [], top if is_decoder else ch
+    if is_decoder:
+        div = 4 ** (n - 1)
+        out += mid(div)
+        for i in reversed(range(n)):
+            for _ in range(cfg.num_res_blocks + 1):
+                out += block(cin, ch * cfg.ch_mult[i], div)
+                cin = ch * cfg.ch_mult[i]
+            div //= 4 if i else 1
+        return out + [(cin, div, False)]
+    div = 1
+    for i in range(n):
+        for _ in range(cfg.num_res_blocks):
+            out += block(cin, ch * cfg.ch_mult[i], div)
+            cin = ch * cfg.ch_mult[i]
+        div *= 4 if i < n - 1 else 1
+    return out + mid(div) + [(top, div, False)]
+
+
+def _padded_areas(cfg, height: int, width: int, tile_size: int, is_decoder: bool) -> list[int]:
+    """Full-resolution pixels of each padded tile; empty when the pass runs untiled."""
+    f = cfg.downsample_factor
+    size = (height // f, width // f) if is_decoder else (height, width)
+    if not needs_tiling(*size, tile_size, is_decoder):
+        return []
+    scale = f * f if is_decoder else 1
+    return [(t.src[1] - t.src[0]) * (t.src[3] - t.src[2]) * scale for t in split_tiles(*size, tile_size, is_decoder)[0]]
+
+
+def estimate_bytes(
+    cfg, height: int, width: int, tile_size: int, is_decoder: bool, dtype_size: int, spill: bool = False
+) -> int:
     """Estimated peak bytes of one tiled (or untiled) VAE pass over a height x width image."""
     from ..models.layers import MAX_SCORE_ELEMENTS
 
     c0 = cfg.ch * cfg.ch_mult[0]
     c1 = cfg.ch * cfg.ch_mult[1] if len(cfg.ch_mult) > 1 else c0
     f = cfg.downsample_factor
-    size = (height // f, width // f) if is_decoder else (height, width)
-    area_scale = f * f if is_decoder else 1  # input units -> full-resolution pixels
     widest = c1 if is_decoder else c0
-    barrier = (c1 + c0) if is_decoder else 2 * c0
-    if needs_tiling(*size, tile_size, is_decoder):
-        tiles, _ = split_tiles(*size, tile_size, is_decoder)
-        areas = [(t.src[1] - t.src[0]) * (t.src[3] - t.src[2]) * area_scale for t in tiles]
-        held = barrier * sum(areas) * dtype_size
+    areas = _padded_areas(cfg, height, width, tile_size, is_decoder)
+    if areas:
+        state = max(c / div for c, div, _ in _barriers(cfg, is_decoder)) * dtype_size  # bytes per full-res pixel
         tile_px = max(areas)
+        held = int(state * (SPILL_COPIES * tile_px if spill else sum(areas)))
     else:
         held, tile_px = 0, height * width
     tokens = tile_px // (f * f)
     scores = min(tokens * tokens, max(MAX_SCORE_ELEMENTS, tokens)) * 4
-    copies = TILE_COPIES if held else UNTILED_COPIES
+    copies = TILE_COPIES if areas else UNTILED_COPIES
     working = copies * widest * tile_px * dtype_size + scores
     output = height * width * 3 * 4 if is_decoder else tokens * 2 * cfg.z_channels * 4
     return held + working + output
 
 
+def spill_traffic(cfg, height: int, width: int, tile_size: int, is_decoder: bool, dtype_size: int) -> tuple[int, int, int]:
+    """(peak scratch-disk bytes, bytes written, bytes read) of one spilled pass; zeros when it runs untiled.
+
+    Every barrier without a pending residual is written once; each segment reads the last stored barrier
+    (the input tiles, before the first, come from RAM); the file being read and the one being written
+    coexist.
+    """
+    total = sum(_padded_areas(cfg, height, width, tile_size, is_decoder))
+    if not total:
+        return 0, 0, 0
+    barriers = _barriers(cfg, is_decoder)
+    sizes = [None if pending else c * total // div * dtype_size for c, div, pending in barriers]
+    stored = [s for s in sizes if s is not None]
+    disk = max(a + b for a, b in zip(stored, stored[1:] + [0]))
+    read, last = 0, 0
+    for s in sizes:  # the segment after each barrier reads the last stored one
+        last = s if s is not None else last
+        read += last
+    return disk, sum(stored), read
+
+
 def plan_tiles(cfg, height: int, width: int, budget_bytes: int, dtype_size: int = 4) -> TilePlan:
     """Largest encoder and decoder tiles whose estimated peak fits `budget_bytes` for this image.
 
-    Untiled is chosen when it fits (it is exact and fastest). When even the smallest tile does not
-    fit, the smallest tiles are returned with `fits=False`, so a memory plan can refuse the job
-    before any work starts.
+    Untiled is chosen when it fits (it is exact and fastest); a tiled pass keeps its states in RAM when
+    they fit, else spills them to disk (what `tiled_*(budget_bytes=...)` then do by the same estimate).
+    When even the smallest spilled tile does not fit, the smallest tiles are returned with `fits=False`,
+    so a memory plan can refuse the job before any work starts.
     """
     if height < 1 or width < 1 or budget_bytes <= 0:
         raise ValueError(f"need a positive image size and budget, got {height}x{width}, {budget_bytes} bytes")
     side = max(height, width)
     f = cfg.downsample_factor
 
-    def pick(candidates: tuple[int, ...], untiled: int, is_decoder: bool) -> tuple[int, int, bool]:
+    def pick(candidates: tuple[int, ...], untiled: int, is_decoder: bool) -> tuple[int, int, bool, bool]:
         for tile in (untiled,) + tuple(t for t in candidates if t < untiled):
-            need = estimate_bytes(cfg, height, width, tile, is_decoder, dtype_size)
-            if need <= budget_bytes:
-                return tile, need, True
-        return tile, need, False
+            for spill in (False, True):
+                need = estimate_bytes(cfg, height, width, tile, is_decoder, dtype_size, spill)
+                if need <= budget_bytes:
+                    return tile, need, spill, True
+        return tile, need, spill, False
 
-    enc, enc_bytes, enc_fits = pick(ENCODER_TILES, side, False)
-    dec, dec_bytes, dec_fits = pick(DECODER_TILES, -(-side // f), True)
-    return TilePlan(enc, dec, enc_bytes, dec_bytes, enc_fits and dec_fits)
+    enc, enc_bytes, enc_spill, enc_fits = pick(ENCODER_TILES, side, False)
+    dec, dec_bytes, dec_spill, dec_fits = pick(DECODER_TILES, -(-side // f), True)
+    disk = max(
+        spill_traffic(cfg, height, width, tile, is_decoder, dtype_size)[0] if spill else 0
+        for tile, is_decoder, spill in ((enc, False, enc_spill), (dec, True, dec_spill))
+    )
+    return TilePlan(enc, dec, enc_bytes, dec_bytes, enc_fits and dec_fits, enc_spill, dec_spill, disk)
