@@ -6,7 +6,7 @@ Peak = max over stages of (weights resident in that stage + that stage's activat
   `nbytes` summed. The captioner's count comes from the LLaVA-1.5 shapes (parameters x bytes/param).
 - Activations follow formulas fitted to peaks measured with `bench/bench_restore_memory.py --calibrate`
   (full-size random-weight networks, MLX CPU backend, fp32 activations; fp16/bf16 activations are
-  taken as half of those). See each formula's comment.
+  taken as half of those, an assumption not measured). See each formula's comment.
 
 Budget: `--memory-limit` if given, else the Metal recommended working set on a Mac, else total RAM,
 times HEADROOM (the OS, the image buffers and allocator fragmentation need the rest).
@@ -30,19 +30,29 @@ MIN_TILE = 32
 VAE_ENCODER_TILE = 512  # official VAEHook tile sizes: image pixels (encoder), latent pixels (decoder)
 VAE_DECODER_TILE = 64
 
-# UNet + control encoder, one call on a [B, h, w] latent tile (measured 16..48 latent, B 1 and 2, fp32):
-#   bytes = B * (UNET_PER_PIXEL * h * w + UNET_PER_SCORE * min(heads1 * (h*w/4)^2, 2^26)) * s/4 + UNET_FIXED
-# The first term is the feature maps; the second the attention scores of the 64-channel-head level
-# (10 heads over h*w/4 tokens), which layers.attention chunks at 2^26 scores per batch item.
-UNET_PER_PIXEL = 110_000.0
-UNET_PER_SCORE = 8.0
-UNET_FIXED = 10_000_000
-# Tiled VAE encoder / decoder over an H x W image (measured 128..384 px, fp32). The tiled VAE keeps
-# every tile's activation between GroupNorm barriers, so the peak grows with the whole image:
-#   bytes = VAE_*_PER_PIXEL * H * W * s/4 + VAE_*_FIXED
-VAE_ENC_PER_PIXEL = 1500.0
-VAE_ENC_FIXED = 0
-VAE_DEC_PER_PIXEL = 2000.0
+# UNet + control encoder, one call on a [B, h, w] latent tile, fp32 activations:
+#   bytes = B * (UNET_PER_PIXEL * h*w + UNET_PER_SCORE * min(10 * (h*w/4)^2, 2^26)) * s/4 + UNET_FIXED
+# The first term is the feature maps (least squares over 16/32/64-latent tiles at batch 1 and 2: within
+# 4% of all six peaks from 32x32 up); the second the attention scores of the 640-channel level (10 heads
+# over h*w/4 tokens), which layers.attention chunks at 2^26 scores per batch item: its coefficient
+# (scores + softmax) makes the formula meet the 128x128 batch-2 tile, 4.616 GB; at 64x64 batch 2 the
+# formula then overestimates by 16% (910 MB measured). On Metal the fused attention never stores the
+# scores, so there the formula errs on the safe side.
+UNET_PER_PIXEL = 110_488.0
+UNET_PER_SCORE = 7.38
+UNET_FIXED = 5_335_000
+# Dequantized 3x3 conv weights alive at once: MLX's lazy graph may dequantize several convs ahead of
+# their use (they do not depend on the activations). Measured on the full 4-bit model, 16x16 latent,
+# batch 1, fp32: 514.9 MB peak against 29.7 MB unquantized.
+QUANT_CONV_TRANSIENT = 485_000_000
+# Tiled VAE (official VAEHook tiles) over an H x W image, fp32. Every tile's activation is kept between
+# GroupNorm barriers, so the peak grows with the whole image, and on the CPU backend each tile's
+# convolutions add large unfold buffers:
+#   encoder: VAE_ENC_PER_PIXEL * H*W + VAE_ENC_FIXED (the line through 768 px: 2.246 GB, 1024 px: 3.841 GB)
+#   decoder: VAE_DEC_PER_PIXEL * H*W (proportional to the one tiled point measured, 768 px: 8.458 GB)
+VAE_ENC_PER_PIXEL = 3476.0
+VAE_ENC_FIXED = 196_000_000
+VAE_DEC_PER_PIXEL = 14_340.0
 VAE_DEC_FIXED = 0
 # Text encoders over 77 tokens, batch 2: a few MB of activations; 0.1 GB covers the attention
 # temporaries (estimate, not measured: the encoders run in well under 1% of the weights' bytes).
@@ -220,7 +230,8 @@ def estimate(
         Stage("text encoders", vae + text, TEXT_ACTIVATIONS),
         Stage("encode", vae, enc),
         # the pipeline keeps the whole SUPIRModel (text encoders included) loaded through sampling and decoding
-        Stage("diffusion", vae + text + den, unet_activations(th, tw, 2 if cfg_batched else 1, dt) + latents),
+        Stage("diffusion", vae + text + den, unet_activations(th, tw, 2 if cfg_batched else 1, dt) + latents
+              + (int(QUANT_CONV_TRANSIENT * dt.size / 4) if quant and quant.convs else 0)),
         Stage("decode", vae + text + den, dec),
     ]
     return Plan(width, height, tuple(stages), budget if budget is not None else available_memory(), str(dt).split(".")[-1],
@@ -257,7 +268,7 @@ def plan(
                     return p
                 best = p if best is None or p.peak < best.peak else best
     worst = max(best.stages, key=lambda s: s.total)
-    hint = " (try --captioner 7b or none)" if captioner and worst.name.startswith("caption") else ""
+    hint = " (the captioner alone does not fit: try --captioner 7b or none)" if captioner and best.stages[0].total > budget else ""
     raise MemoryPlanError(
         f"a {width}x{height} restore needs at least {_gb(best.peak)} (stage '{worst.name}') but only "
         f"{_gb(budget)} is available{hint}; use a smaller --upscale or raise --memory-limit"
