@@ -35,6 +35,7 @@ from supir_mlx.weights.quantize import QuantSpec, materialize, parameter_bytes, 
 GB = 1e9
 # Restores always tile the VAE (outputs are >= 1024 px on the short side by default): calibrate in that regime.
 VAE_SIZES = (768, 1024)
+VAE_ENCODER_TILE, VAE_DECODER_TILE = 512, 64  # official VAEHook tiles (image px, latent px)
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -126,10 +127,10 @@ def calibrate_vae(cfg: SUPIRConfig, dtype: mx.Dtype) -> None:
     enc, dec = [], []
     for px in VAE_SIZES:
         img = mx.random.uniform(-1, 1, (1, px, px, 3)).astype(dtype)
-        dt, peak, z = measure(tiled_encode, vae, img, memory.VAE_ENCODER_TILE)
+        dt, peak, z = measure(tiled_encode, vae, img, VAE_ENCODER_TILE)
         enc.append((px, peak))
         print(f"vae_encode px={px} peak={peak} time={dt:.1f}s", flush=True)
-        dt, peak, _ = measure(tiled_decode, vae, z, memory.VAE_DECODER_TILE)
+        dt, peak, _ = measure(tiled_decode, vae, z, VAE_DECODER_TILE)
         dec.append((px, peak))
         print(f"vae_decode px={px} peak={peak} time={dt:.1f}s", flush=True)
     for name, pts in (("ENC", enc), ("DEC", dec)):
@@ -138,30 +139,30 @@ def calibrate_vae(cfg: SUPIRConfig, dtype: mx.Dtype) -> None:
 
 
 def run_case(cfg: SUPIRConfig, in_px: int, out_px: int, steps: int, dtype: mx.Dtype, spec: QuantSpec | None,
-             batched: bool, full_depth: bool, max_tiles: int | None) -> None:
+             batched: bool, full_depth: bool, max_tiles: int | None, budget: int) -> None:
     plan = memory.estimate(out_px, out_px, config=cfg, dtype=dtype, quant=spec, unet_tile=memory.DEFAULT_TILE,
-                           cfg_batched=batched, captioner=None)
+                           cfg_batched=batched, captioner=None, budget=budget)
     est = {s.name: s for s in plan.stages}
     vdt = mx.float32 if dtype == mx.float16 else dtype  # the VAE's dtype rule (weights.loading.component_dtypes)
     print(f"\n## {in_px} -> {out_px} px, {steps} denoiser step(s), {dtype}, quant={spec.bits if spec else 'none'}, "
           f"CFG {'batch 2' if batched else 'sequential'}")
-    print(f"{'stage':28s} {'time s':>8s} {'peak GB':>8s} {'planned GB':>10s} {'error':>7s}")
+    print(f"{'stage':28s} {'time s':>8s} {'peak GB':>8s} {'activ. GB':>8s} {'planned':>10s} {'error':>7s}")
 
     def row(name: str, seconds: float, weights: int, act: int) -> None:
-        e = est[name]
-        measured = weights + act
-        print(f"{name:28s} {seconds:8.1f} {measured / GB:8.2f} {e.total / GB:10.2f} {(e.total / measured - 1):+7.1%}",
-              flush=True)
+        planned = est[name].activations
+        print(f"{name:28s} {seconds:8.1f} {(weights + act) / GB:8.2f} {act / GB:8.2f} {planned / GB:10.2f} "
+              f"{(planned / act - 1):+7.1%}", flush=True)
 
+    enc_tile, dec_tile = plan.vae_tiles.encoder_tile, plan.vae_tiles.decoder_tile
     t = time.perf_counter()
     vae = build_vae(cfg, vdt)
     vae_w = parameter_bytes(vae)
     print(f"{'load VAE (random)':28s} {time.perf_counter() - t:8.1f}")
     img = mx.random.uniform(-1, 1, (1, out_px, out_px, 3)).astype(vdt)  # the LQ image upscaled to the output size
-    dt, p, z1 = measure(tiled_encode_with_denoise, vae, img, memory.VAE_ENCODER_TILE)
-    dt2, p2, x1 = measure(tiled_decode, vae, z1, memory.VAE_DECODER_TILE)
+    dt, p, z1 = measure(tiled_encode_with_denoise, vae, img, enc_tile)
+    dt2, p2, x1 = measure(tiled_decode, vae, z1, dec_tile)
     row("stage-1 (denoise enc + dec)", dt + dt2, vae_w, max(p, p2))
-    dt, p, z = measure(tiled_encode, vae, x1.astype(vdt), memory.VAE_ENCODER_TILE)
+    dt, p, z = measure(tiled_encode, vae, x1.astype(vdt), enc_tile)
     row("encode", dt, vae_w, p)
     del x1, img
     mx.clear_cache()
@@ -188,7 +189,7 @@ def run_case(cfg: SUPIRConfig, in_px: int, out_px: int, steps: int, dtype: mx.Dt
     row("diffusion", total, vae_w + den_w, peak)
     print(f"{'  per step':28s} {total / steps:8.1f}   ({len(windows)} tile(s) of {windows[0][1] - windows[0][0]}x"
           f"{windows[0][3] - windows[0][2]} latent{'' if len(ran) == len(windows) else f'; timed {len(ran)}, scaled'})")
-    dt, p, _ = measure(tiled_decode, vae, x, memory.VAE_DECODER_TILE)
+    dt, p, _ = measure(tiled_decode, vae, x, dec_tile)
     row("decode", dt, vae_w + den_w, p)
     print(f"planner peak {plan.peak / GB:.2f} GB")
 
@@ -245,6 +246,7 @@ def main() -> None:
     ap.add_argument("--sequential-cfg", action="store_true")
     ap.add_argument("--max-tiles", type=int, help="run only this many sampler tiles per step (all tiles are alike: "
                     "the peak is the same, the step time is scaled up)")
+    ap.add_argument("--memory-limit", type=float, help="GB the planner (and so the VAE tiles) may use")
     ap.add_argument("--calibrate", choices=("unet", "vae", "all"), help="measure the planner's activation constants")
     ap.add_argument("--torch", metavar="PYTHON", help="a Python with torch + diffusers (separate venv)")
     ap.add_argument("--torch-latent", type=int, default=64)
@@ -260,7 +262,8 @@ def main() -> None:
     spec = None if a.quant == "none" else QuantSpec(bits=int(a.quant))
     for case in a.case or []:
         i, o = (int(v) for v in case.split(":"))
-        run_case(cfg, i, o, a.steps, dtype, spec, not a.sequential_cfg, a.full_depth, a.max_tiles)
+        run_case(cfg, i, o, a.steps, dtype, spec, not a.sequential_cfg, a.full_depth, a.max_tiles,
+                 memory.available_memory(a.memory_limit))
         mx.clear_cache()
     if a.torch:
         torch_ratio(a.torch, cfg, a.torch_latent)

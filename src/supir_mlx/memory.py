@@ -4,7 +4,10 @@ Peak = max over stages of (weights resident in that stage + that stage's activat
 - Weights are counted exactly: each network is built lazily (MLX allocates nothing until evaluation)
   in the run's dtype, quantized by the same `QuantSpec` the weights cache uses, and its arrays'
   `nbytes` summed. The captioner's count comes from the LLaVA-1.5 shapes (parameters x bytes/param).
-- Activations follow formulas fitted to peaks measured with `bench/bench_restore_memory.py --calibrate`
+- The tiled VAE's stages come from `pipeline.tiled_vae.plan_tiles`, which also picks the VAE tiles for
+  the memory left by the weights (its estimates agree within 5% with the tiled peaks measured by the
+  bench: encoder 768/1024 px, decoder 768 px).
+- The other activations follow formulas fitted to peaks measured with `bench/bench_restore_memory.py --calibrate`
   (full-size random-weight networks, MLX CPU backend, fp32 activations; fp16/bf16 activations are
   taken as half of those, an assumption not measured). See each formula's comment.
 
@@ -21,14 +24,13 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .config import SUPIRConfig
+from .pipeline.tiled_vae import TilePlan, plan_tiles
 from .weights.quantize import QuantSpec
 
 GB = 1e9
 HEADROOM = 0.85
 DEFAULT_TILE = 128  # official sampler tile, latent pixels
 MIN_TILE = 32
-VAE_ENCODER_TILE = 512  # official VAEHook tile sizes: image pixels (encoder), latent pixels (decoder)
-VAE_DECODER_TILE = 64
 
 # UNet + control encoder, one call on a [B, h, w] latent tile, fp32 activations:
 #   bytes = B * (UNET_PER_PIXEL * h*w + UNET_PER_SCORE * min(10 * (h*w/4)^2, 2^26)) * s/4 + UNET_FIXED
@@ -45,15 +47,6 @@ UNET_FIXED = 5_335_000
 # their use (they do not depend on the activations). Measured on the full 4-bit model, 16x16 latent,
 # batch 1, fp32: 514.9 MB peak against 29.7 MB unquantized.
 QUANT_CONV_TRANSIENT = 485_000_000
-# Tiled VAE (official VAEHook tiles) over an H x W image, fp32. Every tile's activation is kept between
-# GroupNorm barriers, so the peak grows with the whole image, and on the CPU backend each tile's
-# convolutions add large unfold buffers:
-#   encoder: VAE_ENC_PER_PIXEL * H*W + VAE_ENC_FIXED (the line through 768 px: 2.246 GB, 1024 px: 3.841 GB)
-#   decoder: VAE_DEC_PER_PIXEL * H*W (proportional to the one tiled point measured, 768 px: 8.458 GB)
-VAE_ENC_PER_PIXEL = 3476.0
-VAE_ENC_FIXED = 196_000_000
-VAE_DEC_PER_PIXEL = 14_340.0
-VAE_DEC_FIXED = 0
 # Text encoders over 77 tokens, batch 2: a few MB of activations; 0.1 GB covers the attention
 # temporaries (estimate, not measured: the encoders run in well under 1% of the weights' bytes).
 TEXT_ACTIVATIONS = int(0.1 * GB)
@@ -93,6 +86,7 @@ class Plan:
     unet_tile: int
     cfg_batched: bool
     captioner: str | None
+    vae_tiles: TilePlan  # the tiled VAE's own plan (tiles, spilling) for the memory the weights leave
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -189,11 +183,6 @@ def unet_activations(h: int, w: int, batch: int, dtype: mx.Dtype) -> int:
     return int(batch * (UNET_PER_PIXEL * h * w + UNET_PER_SCORE * scores) * s + UNET_FIXED)
 
 
-def vae_activations(height: int, width: int, dtype: mx.Dtype, decoder: bool) -> int:
-    per_px, fixed = (VAE_DEC_PER_PIXEL, VAE_DEC_FIXED) if decoder else (VAE_ENC_PER_PIXEL, VAE_ENC_FIXED)
-    return int(per_px * height * width * dtype.size / 4 + fixed)
-
-
 def estimate(
     width: int,
     height: int,
@@ -220,22 +209,27 @@ def estimate(
     lh, lw = height // 8, width // 8
     th, tw = min(unet_tile, lh), min(unet_tile, lw)
     latents = 8 * lh * lw * 4 * 4  # x, noise, control, blend sums: a handful of fp32 4-channel latents
-    enc, dec = vae_activations(height, width, vdt, False), vae_activations(height, width, vdt, True)
+    budget = budget if budget is not None else available_memory()
+    # The pipeline loads the whole SUPIRModel (VAE, text encoders, denoiser) once and keeps it for every stage.
+    resident = vae + text + den
+    # The tiled VAE plans its own tiles (and spilling) in what the resident weights leave free.
+    tiles = plan_tiles(config.vae, height, width, max(budget - resident, 1), vdt.size)
     stages = []
     if captioner:
         cap_w, cap_a = captioner_bytes(captioner)
-        stages.append(Stage(f"caption (LLaVA {captioner})", cap_w + vae, cap_a))
+        stages.append(Stage(f"caption (LLaVA {captioner})", cap_w + resident, cap_a))
     stages += [
-        Stage("stage-1 (denoise enc + dec)", vae, max(enc, dec)),
-        Stage("text encoders", vae + text, TEXT_ACTIVATIONS),
-        Stage("encode", vae, enc),
-        # the pipeline keeps the whole SUPIRModel (text encoders included) loaded through sampling and decoding
-        Stage("diffusion", vae + text + den, unet_activations(th, tw, 2 if cfg_batched else 1, dt) + latents
+        Stage("stage-1 (denoise enc + dec)", resident, max(tiles.encoder_bytes, tiles.decoder_bytes)),
+        Stage("text encoders", resident, TEXT_ACTIVATIONS),
+        Stage("encode", resident, tiles.encoder_bytes),
+        Stage("diffusion", resident, unet_activations(th, tw, 2 if cfg_batched else 1, dt) + latents
               + (int(QUANT_CONV_TRANSIENT * dt.size / 4) if quant and quant.convs else 0)),
-        Stage("decode", vae + text + den, dec),
+        Stage("decode", resident, tiles.decoder_bytes),
     ]
-    return Plan(width, height, tuple(stages), budget if budget is not None else available_memory(), str(dt).split(".")[-1],
-                quant, unet_tile, cfg_batched, captioner)
+    spill = " (tile states spilled to disk)" if tiles.encoder_spill or tiles.decoder_spill else ""
+    notes = (f"VAE tiles: encoder {tiles.encoder_tile} px, decoder {tiles.decoder_tile} latent px{spill}",)
+    return Plan(width, height, tuple(stages), budget, str(dt).split(".")[-1], quant, unet_tile, cfg_batched, captioner,
+                tiles, notes)
 
 
 def plan(
