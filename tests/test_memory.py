@@ -78,7 +78,7 @@ def test_tiles_shrink_only_the_diffusion_stage():
 def test_refuses_before_work_with_one_line():
     with pytest.raises(MemoryPlanError, match=r"needs at least .* but only 2.00 GB is available"):
         memory.plan(1024, 1024, captioner=None, memory_limit_gb=2)
-    with pytest.raises(MemoryPlanError, match="try --captioner 7b or none"):
+    with pytest.raises(MemoryPlanError, match="captioning does not fit: try --captioner 7b or none"):
         memory.plan(1024, 1024, captioner="13b", memory_limit_gb=6)
     with pytest.raises(MemoryPlanError, match="multiple of 8"):
         memory.estimate(1000, 1001, budget=GB)

@@ -262,7 +262,8 @@ def plan(
                     return p
                 best = p if best is None or p.peak < best.peak else best
     worst = max(best.stages, key=lambda s: s.total)
-    hint = " (the captioner alone does not fit: try --captioner 7b or none)" if captioner and best.stages[0].total > budget else ""
+    smaller = "7b or none" if captioner == "13b" else "none"
+    hint = f" (captioning does not fit: try --captioner {smaller})" if captioner and best.stages[0].total > budget else ""
     raise MemoryPlanError(
         f"a {width}x{height} restore needs at least {_gb(best.peak)} (stage '{worst.name}') but only "
         f"{_gb(budget)} is available{hint}; use a smaller --upscale or raise --memory-limit"
