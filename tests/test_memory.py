@@ -92,3 +92,37 @@ def test_available_memory_uses_the_machine_with_headroom():
     got = memory.available_memory()
     assert 0 < got < 2**50
     assert memory.available_memory(12) == 12 * GB
+
+
+def test_staged_plan_keeps_only_what_each_stage_needs():
+    p = memory.estimate(1024, 1024, dtype="float16", captioner="7b", budget=int(32 * GB), staged=True)
+    vae = memory.weight_bytes(FULL, "vae", mx.float32, None)
+    text = memory.weight_bytes(FULL, "text", mx.float16, None)
+    den = memory.weight_bytes(FULL, "denoiser", mx.float16, None)
+    w = {s.name: s.weights for s in p.stages}
+    assert w["stage-1 (denoise enc + dec)"] == w["encode"] == vae
+    assert w["text encoders"] == vae + text and w["diffusion"] == vae + den and w["decode"] == vae
+    assert w["caption (LLaVA 7b)"] == memory.captioner_bytes("7b")[0]
+    resident = memory.estimate(1024, 1024, dtype="float16", captioner="7b", budget=int(32 * GB))
+    assert all(s.weights == vae + text + den for s in resident.stages[1:])
+    assert "loaded per stage" in str(p) and "all resident" in str(resident)
+
+
+def test_planner_stages_weights_before_quantizing_and_prefers_13b():
+    roomy = memory.plan(1024, 1024, captioner="auto", memory_limit_gb=64)
+    assert roomy.captioner == "13b" and not roomy.staged and roomy.quant is None
+    # 12 GB: resident, the 13B captioner beside the fp16 SUPIR weights (~18 GB) cannot fit whatever the tiles
+    p = memory.plan(1024, 1024, dtype="float16", captioner="13b", memory_limit_gb=12)
+    assert p.staged and p.quant is None  # staging costs only re-reads; quantizing would cost quality
+
+
+@pytest.mark.parametrize("ram_gb, target_gb", [(16, 8), (8, 5)])
+def test_product_targets_are_planned(ram_gb, target_gb, monkeypatch):
+    """A 1024 -> 2048 restore, captioner included, fits the budget the planner gives a 16 GB / 8 GB Mac,
+    and that budget is the product's peak target."""
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx.metal, "device_info", lambda: {"max_recommended_working_set_size": ram_gb * GB * 2 / 3})
+    budget = memory.available_memory()
+    assert 0.95 * target_gb * GB <= budget <= target_gb * GB
+    p = memory.plan(2048, 2048, dtype="float16", captioner="auto")
+    assert p.fits and p.peak <= budget and p.captioner in ("13b", "7b")

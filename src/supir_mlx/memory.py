@@ -11,8 +11,15 @@ Peak = max over stages of (weights resident in that stage + that stage's activat
   (full-size random-weight networks, MLX CPU backend, fp32 activations; fp16/bf16 activations are
   taken as half of those, an assumption not measured). See each formula's comment.
 
-Budget: `--memory-limit` if given, else the Metal recommended working set on a Mac, else total RAM,
-times HEADROOM (the OS, the image buffers and allocator fragmentation need the rest).
+Budget: `--memory-limit` if given, else half the RAM but at least 5 GB, never more than HEADROOM x the
+recommended working set (Metal's, about 2/3 of RAM; 2/3 of RAM elsewhere). That is the product's promise:
+8 GB on a 16 GB Mac, 5 GB on an 8 GB one, leaving the rest to macOS and the user's other applications.
+
+Residency: with everything resident the weights of all three SUPIR parts stay in memory for every stage
+(fastest: nothing is read twice). A staged plan keeps only what a stage needs (caption: VAE + LLaVA; text
+encoders: VAE + text; diffusion: VAE + UNet/control; decode: VAE; caption: LLaVA alone, after its stage-1
+image is made) and reads the rest back from the weight
+files when needed, at the cost of re-reading a few GB per image.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from .pipeline.tiled_vae import TilePlan, plan_tiles
 from .weights.quantize import QuantSpec
 
 GB = 1e9
-HEADROOM = 0.85
+HEADROOM = 0.94  # of the working set: allocator fragmentation and the image buffers need the rest
+WORKING_SET_OF_RAM = 2 / 3  # Metal's recommended working set is about 2/3 of RAM; mirrored elsewhere
+MIN_BUDGET = 5 * GB
 DEFAULT_TILE = 128  # official sampler tile, latent pixels
 MIN_TILE = 32
 
@@ -87,6 +96,7 @@ class Plan:
     cfg_batched: bool
     captioner: str | None
     vae_tiles: TilePlan  # the tiled VAE's own plan (tiles, spilling) for the memory the weights leave
+    staged: bool = False  # True: each stage loads only the weights it needs (see Residency above)
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -102,7 +112,7 @@ class Plan:
         lines = [
             f"Memory plan for a {self.width}x{self.height} output ({self.dtype}, quantization {q}, "
             f"sampler tile {self.unet_tile} latent px, CFG {'batch 2' if self.cfg_batched else 'sequential'}, "
-            f"captioner {self.captioner or 'none'})",
+            f"captioner {self.captioner or 'none'}, weights {'loaded per stage' if self.staged else 'all resident'})",
             f"  {'stage':30s} {'weights':>9s} {'activ.':>9s} {'total':>9s}",
         ]
         for s in self.stages:
@@ -119,16 +129,18 @@ def _gb(n: int) -> str:
 
 
 def available_memory(limit_gb: float | None = None) -> int:
-    """Bytes this run may use: the given limit, or HEADROOM x (Metal working set, else physical RAM)."""
+    """Bytes this run may use: the given limit, or HEADROOM x (Metal working set, else 2/3 of physical RAM)."""
     if limit_gb is not None:
         if limit_gb <= 0:
             raise MemoryPlanError(f"memory limit must be positive, got {limit_gb} GB")
         return int(limit_gb * GB)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if mx.metal.is_available():
-        total = mx.metal.device_info()["max_recommended_working_set_size"]
+        working_set = mx.metal.device_info()["max_recommended_working_set_size"]
+        ram = working_set / WORKING_SET_OF_RAM
     else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(total * HEADROOM)
+        working_set = ram * WORKING_SET_OF_RAM
+    return int(min(HEADROOM * working_set, max(ram / 2, MIN_BUDGET)))
 
 
 def _dtype(dtype: mx.Dtype | str) -> mx.Dtype:
@@ -194,6 +206,7 @@ def estimate(
     cfg_batched: bool = True,
     captioner: str | None = "13b",
     budget: int | None = None,
+    staged: bool = False,
 ) -> Plan:
     """The plan for one output of width x height pixels (multiples of 8) with exactly these settings."""
     if width < 64 or height < 64 or width % 8 or height % 8:
@@ -210,26 +223,29 @@ def estimate(
     th, tw = min(unet_tile, lh), min(unet_tile, lw)
     latents = 8 * lh * lw * 4 * 4  # x, noise, control, blend sums: a handful of fp32 4-channel latents
     budget = budget if budget is not None else available_memory()
-    # The pipeline loads the whole SUPIRModel (VAE, text encoders, denoiser) once and keeps it for every stage.
-    resident = vae + text + den
-    # The tiled VAE plans its own tiles (and spilling) in what the resident weights leave free.
-    tiles = plan_tiles(config.vae, height, width, max(budget - resident, 1), vdt.size)
+    # Resident: the whole SUPIRModel stays loaded. Staged: the VAE stays (but for captioning), the text
+    # encoders and the UNet/control are loaded for their stages only (pipeline.restore.Residency).
+    every = vae + text + den
+    w_vae, w_text, w_den = (vae, vae + text, vae + den) if staged else (every, every, every)
+    # The tiled VAE plans its own tiles (and spilling) in what the weights around it leave free.
+    tiles = plan_tiles(config.vae, height, width, max(budget - w_vae, 1), vdt.size)
     stages = []
     if captioner:
         cap_w, cap_a = captioner_bytes(captioner)
-        stages.append(Stage(f"caption (LLaVA {captioner})", cap_w + resident, cap_a))
+        # staged: the caption's stage-1 image is made first, then even the VAE makes room for LLaVA
+        stages.append(Stage(f"caption (LLaVA {captioner})", cap_w + (0 if staged else every), cap_a))
     stages += [
-        Stage("stage-1 (denoise enc + dec)", resident, max(tiles.encoder_bytes, tiles.decoder_bytes)),
-        Stage("text encoders", resident, TEXT_ACTIVATIONS),
-        Stage("encode", resident, tiles.encoder_bytes),
-        Stage("diffusion", resident, unet_activations(th, tw, 2 if cfg_batched else 1, dt) + latents
+        Stage("stage-1 (denoise enc + dec)", w_vae, max(tiles.encoder_bytes, tiles.decoder_bytes)),
+        Stage("text encoders", w_text, TEXT_ACTIVATIONS),
+        Stage("encode", w_vae, tiles.encoder_bytes),
+        Stage("diffusion", w_den, unet_activations(th, tw, 2 if cfg_batched else 1, dt) + latents
               + (int(QUANT_CONV_TRANSIENT * dt.size / 4) if quant and quant.convs else 0)),
-        Stage("decode", resident, tiles.decoder_bytes),
+        Stage("decode", w_vae, tiles.decoder_bytes),
     ]
     spill = " (tile states spilled to disk)" if tiles.encoder_spill or tiles.decoder_spill else ""
     notes = (f"VAE tiles: encoder {tiles.encoder_tile} px, decoder {tiles.decoder_tile} latent px{spill}",)
     return Plan(width, height, tuple(stages), budget, str(dt).split(".")[-1], quant, unet_tile, cfg_batched, captioner,
-                tiles, notes)
+                tiles, staged, notes)
 
 
 def plan(
@@ -245,22 +261,27 @@ def plan(
 ) -> Plan:
     """The highest-quality settings that fit; raises MemoryPlanError before any work if none does.
 
-    Preference: unquantized, then 8-bit, then 4-bit weights; within each, the official 128-latent tile
-    with batched CFG, then sequential CFG (same numbers, half the activations), then smaller tiles.
-    A fixed `quant` or `unet_tile` is respected as given.
+    Preference: the 13B captioner, then 7B (`captioner="auto"`); unquantized, then 8-bit, then 4-bit
+    weights; the official 128-latent tile, then smaller ones; all weights resident, then loaded per stage
+    (same numbers, only re-reads); batched CFG, then sequential CFG (same numbers, half the activations).
+    A fixed `captioner`, `quant` or `unet_tile` is respected as given.
     """
     budget = available_memory(memory_limit_gb)
     quants = [None, QuantSpec(bits=8), QuantSpec(bits=4)] if quant == "auto" else [quant]
     tiles = [unet_tile] if unet_tile else [DEFAULT_TILE, 96, 64, 48, MIN_TILE]
+    captioners = ["13b", "7b"] if captioner == "auto" else [captioner]
     best = None
-    for q in quants:
-        for tile in tiles:
-            for batched in (True, False):
-                p = estimate(width, height, config=config, dtype=dtype, quant=q, unet_tile=tile, cfg_batched=batched,
-                             captioner=captioner, budget=budget)
-                if p.fits:
-                    return p
-                best = p if best is None or p.peak < best.peak else best
+    for cap in captioners:
+        for q in quants:
+            for tile in tiles:
+                for staged in (False, True):
+                    for batched in (True, False):
+                        p = estimate(width, height, config=config, dtype=dtype, quant=q, unet_tile=tile,
+                                     cfg_batched=batched, captioner=cap, budget=budget, staged=staged)
+                        if p.fits:
+                            return p
+                        best = p if best is None or p.peak < best.peak else best
+    captioner = best.captioner
     worst = max(best.stages, key=lambda s: s.total)
     smaller = "7b or none" if captioner == "13b" else "none"
     hint = f" (captioning does not fit: try --captioner {smaller})" if captioner and best.stages[0].total > budget else ""
