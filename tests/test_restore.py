@@ -172,3 +172,31 @@ def test_cli_draft_writes_a_separate_preview(weights, tmp_path):
     r = CliRunner().invoke(main, ["restore", str(src), "--weights", str(weights), "--draft", "--prompt", "", *FAST])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "p_supir_draft.png").is_file() and not (tmp_path / "p_supir.png").exists()
+
+
+def test_staged_residency_releases_parts_and_changes_nothing(restorer, tmp_path):
+    """A staged plan keeps only each stage's weights: same numbers, and the other parts are really gone."""
+    import mlx.core as mx
+
+    from supir_mlx import settings_for
+    from supir_mlx.pipeline.preprocess import pil_to_tensor
+    from supir_mlx.sampling.noise import SeededNoise
+
+    x, _, _ = pil_to_tensor(Image.open(photo(tmp_path / "p.png")), 1, 64)
+    s = settings_for(steps=2, min_size=64, prompt="")
+    runner = restorer.runner
+    seen = {}
+
+    def progress(stage, done, total):
+        seen.setdefault(stage, (set(runner.residency.resident), mx.get_active_memory()))
+
+    resident = np.array(runner.sample(mx.array(x), [""], s, SeededNoise(1), staged=False))
+    assert runner.residency.resident == {"vae", "text", "denoiser"}
+    staged = np.array(runner.sample(mx.array(x), [""], s, SeededNoise(1), staged=True, progress=progress))
+    assert np.array_equal(staged, resident)
+    assert seen["stage1"][0] == {"vae"} and seen["sample"][0] == {"vae", "denoiser"} and seen["decode"][0] == {"vae"}
+    assert runner.residency.resident == {"vae"}
+    # stage 1 ran with neither the text encoders nor the UNet/control in memory
+    assert seen["stage1"][1] < seen["sample"][1]
+    runner.use(False)  # back to everything resident for the other tests
+    assert runner.residency.resident == {"vae", "text", "denoiser"}

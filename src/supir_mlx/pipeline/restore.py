@@ -25,8 +25,8 @@ from ..config import SUPIRConfig
 from ..models.supir import SUPIRModel
 from ..sampling.noise import NoiseSource, SeededNoise
 from ..sampling.tiled import Tiling
-from . import tiled_vae
 from .preprocess import pil_to_tensor, processing_size, resize_bicubic_torch, tensor_to_image, tensor_to_uint8
+from .residency import Residency
 from .settings import RestoreSettings, settings_for
 from .supir import Progress, StageStats, SupirRunner, Trace, VAETiles
 
@@ -92,9 +92,12 @@ class Restorer:
         description: dict[str, Any] | None = None,
         memory_limit_gb: float | None = None,
         quant=None,
+        weight_files: list[Path] | None = None,
     ):
+        """`weight_files`: the safetensors files `model` was loaded from; with them a staged memory plan can
+        release the parts a stage does not need and read them back later (see pipeline.residency)."""
         self.model = model
-        self.runner = SupirRunner(model)
+        self.runner = SupirRunner(model, Residency(model, weight_files) if weight_files else None)
         self.captioner_path = Path(captioner) if captioner else None
         self.description = description or {}
         self.memory_limit_gb = memory_limit_gb
@@ -123,7 +126,8 @@ class Restorer:
         _set_vae_dtype(model, vae_dtype)
         manifest = read_manifest(directory)
         description = {"weights": str(directory), "sources": [s.get("name") for s in manifest.get("sources", [])]}
-        return cls(model, captioner=captioner, description=description, memory_limit_gb=memory_limit_gb)
+        return cls(model, captioner=captioner, description=description, memory_limit_gb=memory_limit_gb,
+                   weight_files=[directory / sh["file"] for sh in manifest["shards"]])
 
     @classmethod
     def from_pretrained(
@@ -144,7 +148,7 @@ class Restorer:
         """Fetch (once) the SDXL base, the SUPIR checkpoint and the captioner, convert them once into the
         weight cache, and load. `sdxl` / `supir` take a local path or `owner/repo/file` on the hub."""
         from ..weights import cache, hub
-        from ..weights.convert import load_converted
+        from ..weights.convert import load_converted, read_manifest
         from ..weights.quantize import QuantSpec
 
         need = hub.required_files(model, source, captioner, sdxl, supir)
@@ -155,10 +159,12 @@ class Restorer:
         entry = cache.ensure(sources, _dtype_name(dt), quant, log=log)
         net = cache.load(entry) if quant else load_converted(entry, dt)
         _set_vae_dtype(net, vae_dtype)
+        weight_files = [entry / cache.QUANT_WEIGHTS] if quant else [entry / sh["file"] for sh in read_manifest(entry)["shards"]]
         captioner_dir = _prepare_captioner(captioner, files.get("captioner"), log) if captioner != "none" else None
         description = {"model": f"SUPIR-{model}", "base_checkpoint": Path(files["sdxl"][0]).name,
                        "supir_checkpoint": Path(files["supir"][0]).name, "weights": str(entry)}
-        return cls(net, captioner=captioner_dir, description=description, memory_limit_gb=memory_limit_gb, quant=quant)
+        return cls(net, captioner=captioner_dir, description=description, memory_limit_gb=memory_limit_gb, quant=quant,
+                   weight_files=weight_files)
 
     # ------------------------------------------------------------------------------------- restore
     def plan(self, width: int, height: int, settings: RestoreSettings | None = None, captioner: bool | None = None):
@@ -169,17 +175,24 @@ class Restorer:
 
         W, H, _, _ = processing_size(width, height, s.upscale, s.min_size)
         use_captioner = self._will_caption(s) if captioner is None else captioner
-        return plan(
+        p = plan(
             W, H, config=self.config, dtype=_dtype_name(self.runner.net_dtype),
-            captioner=self.description.get("captioner", "13b") if use_captioner else None,
+            captioner=_captioner_size(self.captioner_path) if use_captioner else None,
             memory_limit_gb=self.memory_limit_gb, quant=self.quant, unet_tile=s.tile_size,
         )
+        if p.staged and self.runner.residency is None:
+            from ..memory import MemoryPlanError
+
+            raise MemoryPlanError("this restore fits only with weights loaded per stage, which needs the Restorer to be "
+                                  "loaded from weight files (Restorer.from_weights / from_pretrained)")
+        return p
 
     def _will_caption(self, s: RestoreSettings) -> bool:
         return s.prompt is None and self.captioner_path is not None
 
-    def caption(self, image: Any, settings: RestoreSettings | None = None) -> str:
-        """The official captioning request on the stage-1 image (made at a 512-pixel short side, as test.py)."""
+    def caption(self, image: Any, settings: RestoreSettings | None = None, staged: bool = False) -> str:
+        """The official captioning request on the stage-1 image (made at a 512-pixel short side, as test.py).
+        `staged`: LLaVA gets the memory alone (every SUPIR part is released while it runs)."""
         from ..captioner import Captioner
 
         s = settings or RestoreSettings()
@@ -187,8 +200,10 @@ class Restorer:
             raise RuntimeError("this Restorer has no captioner (pass captioner=... or give a prompt)")
         img = _as_pil(image)
         x, h1, w1 = pil_to_tensor(img, s.upscale, s.min_size, fix_resize=CAPTION_RESIZE)
+        self.runner.use(staged, "vae")
         clean = np.array(self.runner.denoise_stage1(mx.array(x)))
         stage1 = Image.fromarray(tensor_to_image(clean[0], h1, w1))
+        self.runner.use(staged)
         with Captioner.load(self.captioner_path) as captioner:
             text = captioner.caption(stage1, seed=s.seed)
         gc.collect()
@@ -220,8 +235,8 @@ class Restorer:
             from ..memory import MemoryPlanError
 
             raise MemoryPlanError(f"this restore needs about {plan.peak / 1e9:.1f} GB, more than the {plan.budget / 1e9:.1f} GB available")
-        caption = s.prompt if s.prompt is not None else (self.caption(img, s) if self._will_caption(s) else "")
-        vae_tiles = self._vae_tiles(H, W, s, plan.budget)
+        caption = s.prompt if s.prompt is not None else (self.caption(img, s, plan.staged) if self._will_caption(s) else "")
+        vae_tiles = self._vae_tiles(s, plan)
         tiling = Tiling(s.tile_size, s.tile_stride or s.tile_size // 2) if s.tile_size else "auto"
         if tiling == "auto" and plan.unet_tile and plan.unet_tile < 128:
             lh, lw = H // 8, W // 8
@@ -230,7 +245,7 @@ class Restorer:
         trace = Trace(keep=("x_stage1",))
         out = self.runner.sample(
             mx.array(x), [caption], s, noise or SeededNoise(s.seed), tiling=tiling, vae_tiles=vae_tiles,
-            batched_cfg=plan.cfg_batched, progress=progress, trace=trace,
+            batched_cfg=plan.cfg_batched, staged=plan.staged, progress=progress, trace=trace,
         )
         out = np.array(out)
         pixels = [np.clip((resize_bicubic_torch(o, h0, w0) + 1) / 2, 0, 1) for o in out]
@@ -238,14 +253,16 @@ class Restorer:
         stage1 = Image.fromarray(tensor_to_image(np.array(trace.tensors["x_stage1"][0]), h0, w0))
         return RestoreResult(images, pixels, stage1, caption, s, trace.stages)
 
-    def _vae_tiles(self, H: int, W: int, s: RestoreSettings, budget: int) -> VAETiles:
+    def _vae_tiles(self, s: RestoreSettings, plan) -> VAETiles:
+        """The plan's VAE tiles (None where a pass runs untiled), spilling tile states to disk past the
+        memory the weights resident around the VAE stages leave."""
+        budget = plan.budget - max(st.weights for st in plan.stages if st.name in ("encode", "decode"))
         if s.vae_encoder_tile or s.vae_decoder_tile:
             return VAETiles(s.vae_encoder_tile, s.vae_decoder_tile, budget)
-        size = 2 if self.runner.vae_dtype != mx.float32 else 4
-        p = tiled_vae.plan_tiles(self.config.vae, H, W, budget, size)
-        f = self.config.vae.downsample_factor
-        return VAETiles(p.encoder_tile if p.encoder_tile < max(H, W) else None,
-                        p.decoder_tile if p.decoder_tile < -(-max(H, W) // f) else None, budget)
+        t = plan.vae_tiles
+        side = max(plan.width, plan.height)
+        return VAETiles(t.encoder_tile if t.encoder_tile < side else None,
+                        t.decoder_tile if t.decoder_tile < -(-side // self.config.vae.downsample_factor) else None, budget)
 
 
 def draft_box(width: int, height: int, settings: RestoreSettings, side: int = 1024) -> tuple[int, int, int, int]:
@@ -258,6 +275,14 @@ def draft_box(width: int, height: int, settings: RestoreSettings, side: int = 10
     cw, ch = min(width, max(1, round(side / scale))), min(height, max(1, round(side / scale)))
     left, top = (width - cw) // 2, (height - ch) // 2
     return left, top, left + cw, top + ch
+
+
+def _captioner_size(path: Path) -> str:
+    """"13b" or "7b" from a converted captioner's config (the memory plan counts its weights)."""
+    import json
+
+    hidden = json.loads((path / "config.json").read_text()).get("text_config", {}).get("hidden_size", 5120)
+    return "13b" if hidden > 4096 else "7b"
 
 
 def _dtype_name(dtype: mx.Dtype | str) -> str:

@@ -109,11 +109,22 @@ def _f32(x: mx.array) -> mx.array:
 class SupirRunner:
     """The official flow over one loaded SUPIRModel (reusable across images: no state between runs)."""
 
-    def __init__(self, model: SUPIRModel):
+    def __init__(self, model: SUPIRModel, residency=None):
+        """`residency` (pipeline.residency.Residency) lets a staged run keep only each stage's weights."""
         self.model = model
         self.vae = model.first_stage_model
         self.vae_dtype = _dtype_of(self.vae)
         self.net_dtype = _dtype_of(model.model)
+        self.residency = residency
+
+    def use(self, staged: bool, *parts: str) -> None:
+        """Before a stage: with a staged plan keep only `parts` in memory; otherwise keep everything."""
+        if self.residency is None:
+            return
+        if staged:
+            self.residency.use(*parts)
+        else:
+            self.residency.use_all()
 
     # ---------------------------------------------------------------------------------- VAE passes
     def encode_with_denoise(self, x: mx.array, tiles: VAETiles) -> mx.array:
@@ -153,6 +164,7 @@ class SupirRunner:
         tiling: Tiling | None | str = "auto",
         vae_tiles: VAETiles = VAETiles(),
         batched_cfg: bool = True,
+        staged: bool = False,
         progress: Progress | None = None,
         trace: Trace | None = None,
     ) -> mx.array:
@@ -160,7 +172,8 @@ class SupirRunner:
 
         x is [B,H,W,3]; with num_samples > 1 there must be one image, repeated num_samples times (as
         officially, each sample gets its own noise). `tiling` "auto" tiles the latent only when it is
-        larger than one official 128-pixel tile; a Tiling forces it; None never tiles.
+        larger than one official 128-pixel tile; a Tiling forces it; None never tiles. `staged` keeps only
+        the weights each stage needs in memory (see pipeline.residency).
         """
         s = settings
         trace = trace or Trace()
@@ -174,6 +187,7 @@ class SupirRunner:
             captions = captions * s.num_samples
 
         with trace.stage("stage1"):
+            self.use(staged, "vae")
             report("stage1", 0, 2)
             z_lq = self.encode_with_denoise(x, vae_tiles)
             mx.eval(z_lq)
@@ -193,6 +207,7 @@ class SupirRunner:
             trace.store("z_stage1", z_stage1)
 
         with trace.stage("condition"):
+            self.use(staged, "vae", "text")
             (c_ctx, c_vec), (uc_ctx, uc_vec) = self.model.conditioner.prepare_condition(
                 captions, s.positive_prompt, s.negative_prompt
             )
@@ -204,10 +219,12 @@ class SupirRunner:
             trace.store(name, _f32(v))
 
         with trace.stage("sample"):
+            self.use(staged, "vae", "denoiser")
             latent = self._sample(z_lq, z_stage1, cond, uncond, s, noise, tiling, batched_cfg, report, trace)
         trace.store("samples_latent", latent)
 
         with trace.stage("decode"):
+            self.use(staged, "vae")
             report("decode", 0, 1)
             decoded = self.decode(latent, vae_tiles)
             mx.eval(decoded)
