@@ -106,7 +106,8 @@ def _clock(s: float) -> str:
 @click.option("--sdxl", help="SDXL base checkpoint: local path or owner/repo/file (any SDXL fine-tune).")
 @click.option("--supir", help="SUPIR checkpoint: local path or owner/repo/file.")
 @click.option("--source", type=click.Choice(["pruned", "original"]), default="pruned", show_default=True, help="SUPIR file to download.")
-@click.option("--captioner", type=click.Choice(["13b", "7b", "none"]), default="13b", show_default=True)
+@click.option("--captioner", type=click.Choice(["auto", "13b", "7b", "none"]), default="auto", show_default=True,
+              help="LLaVA-1.5 size; auto: 13B when the memory plan allows it, else 7B.")
 @click.option("--captioner-weights", type=click.Path(exists=True, file_okay=False, path_type=Path), help="A converted LLaVA folder.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Diffusion dtype (default: float16 on Metal, float32 on CPU).")
 @click.option("--vae-dtype", type=click.Choice(["bfloat16", "float32"]), help="VAE dtype (never float16).")
@@ -161,8 +162,8 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
         _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption or prompt is not None)
         return
 
-    quantize = _fitting_quantization(items, settings, weights, dtype, captioner, quantize, memory_limit,
-                                     no_caption or prompt is not None)
+    quantize, captioner = _fitting_choices(items, settings, weights, dtype, captioner, quantize, memory_limit,
+                                           no_caption or prompt is not None)
     restorer = _load(weights, sdxl, supir, settings.model, source, captioner, captioner_weights, dtype, vae_dtype,
                      quantize, memory_limit, offline, no_caption or prompt is not None)
     progress = ProgressBar("", enabled=not quiet and sys.stderr.isatty())
@@ -246,6 +247,8 @@ def _load(weights, sdxl, supir, model, source, captioner, captioner_weights, dty
 
                 d = default_llava_dir(use_captioner)
                 cap = d if (d / "config.json").is_file() else None
+                if cap is None and use_captioner == "13b" and (default_llava_dir("7b") / "config.json").is_file():
+                    cap = default_llava_dir("7b")
                 if cap is None:
                     click.echo(f"note: no converted captioner in {d}; restoring without captions "
                                "(give --prompt, a sidecar .txt, or convert LLaVA with `supir-mlx convert-llava`)", err=True)
@@ -339,17 +342,23 @@ def _print_plans(items, settings, weights, dtype, captioner, quantize, memory_li
         sys.exit(1)
 
 
-def _fitting_quantization(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed):
-    """Before loading anything: the weight quantization every input's plan needs (the strongest wins), or a
-    one-line refusal naming the first input that cannot fit."""
+def _fitting_choices(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed):
+    """Before loading anything: the weight quantization every input's plan needs (the strongest wins) and the
+    captioner size (7B if any plan needs it), or a one-line refusal naming the first input that cannot fit."""
     from ..memory import MemoryPlanError
     from ..weights.quantize import QuantSpec
 
     quant = QuantSpec(bits=int(quantize)) if quantize else ("auto" if not weights else None)
     bits = int(quantize) if quantize else None
+    sizes = set()
     for item, _, p in _plans(items, settings, weights, dtype, captioner, quant, memory_limit, no_caption_needed):
         if isinstance(p, MemoryPlanError):
             raise Fail(f"{item.input}: {p}")
-        if p is not None and p.quant is not None and (bits is None or p.quant.bits < bits):
+        if p is None:
+            continue
+        if p.quant is not None and (bits is None or p.quant.bits < bits):
             bits = p.quant.bits
-    return bits
+        sizes.add(p.captioner)
+    if captioner == "auto":
+        captioner = "7b" if "7b" in sizes else ("13b" if "13b" in sizes else "none")
+    return bits, captioner

@@ -137,7 +137,7 @@ class Restorer:
         sdxl: str | None = None,
         supir: str | None = None,
         source: str = "pruned",
-        captioner: str = "13b",
+        captioner: str = "auto",
         dtype: mx.Dtype | str | None = None,
         vae_dtype: mx.Dtype | str | None = None,
         quantize: int | None = None,
@@ -146,11 +146,20 @@ class Restorer:
         log: Callable[[str], None] = print,
     ) -> "Restorer":
         """Fetch (once) the SDXL base, the SUPIR checkpoint and the captioner, convert them once into the
-        weight cache, and load. `sdxl` / `supir` take a local path or `owner/repo/file` on the hub."""
+        weight cache, and load. `sdxl` / `supir` take a local path or `owner/repo/file` on the hub.
+        `captioner` "auto" takes the 13B LLaVA when a 2048-pixel restore's memory plan allows it, else 7B."""
         from ..weights import cache, hub
         from ..weights.convert import load_converted, read_manifest
         from ..weights.quantize import QuantSpec
 
+        if captioner == "auto":
+            from ..memory import MemoryPlanError, plan
+
+            try:
+                captioner = plan(2048, 2048, dtype=_dtype_name(dtype or default_dtype()), captioner="auto",
+                                 memory_limit_gb=memory_limit_gb).captioner
+            except MemoryPlanError:
+                captioner = "7b"
         need = hub.required_files(model, source, captioner, sdxl, supir)
         files = hub.fetch(need, offline=offline)
         sources = files["sdxl"] + files["supir"]
