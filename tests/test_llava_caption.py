@@ -216,3 +216,43 @@ def test_cli_convert(source, tmp_path):
     r = CliRunner().invoke(main, ["convert-llava", str(source), str(tmp_path / "q8"), "--bits", "8"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization"]["bits"] == 8
+
+
+@pytest.fixture(scope="module")
+def supir_weights(reference_dir, tmp_path_factory):
+    from supir_mlx.weights.convert import convert
+
+    out = tmp_path_factory.mktemp("supir") / "tiny"
+    from supir_mlx.config import SUPIRConfig
+
+    convert([reference_dir / "tiny" / "supir_tiny.safetensors"], out, SUPIRConfig.load(reference_dir / "tiny" / "config.json"),
+            "float32", lambda _: None)
+    return out
+
+
+def test_restore_captions_the_stage1_image_then_frees_the_captioner(supir_weights, converted, photo, tmp_path, monkeypatch):
+    """`restore` with captioner weights: the caption comes from LLaVA on the stage-1 image (the official
+    512-px flow, same seed) and lands in the output's provenance; the captioner is not kept loaded."""
+    from supir_mlx import Restorer, settings_for
+    from supir_mlx.io.metadata import read_provenance
+
+    # The random tiny LM never says </s>: cap the generation so three captions stay fast.
+    caption = Captioner.caption
+    monkeypatch.setattr(Captioner, "caption", lambda self, image, **kw: caption(self, image, **{**kw, "max_new_tokens": 6}))
+
+    restorer = Restorer.from_weights(supir_weights, captioner=converted)
+    settings = settings_for(steps=1, min_size=64, seed=5, caption_size=64)
+    expected = restorer.caption(photo, settings)
+    assert expected
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    result = restorer.restore(photo, settings)
+    assert result.caption == expected
+    assert mx.get_active_memory() - before < 1_000_000  # nothing of LLaVA (~0.2 MB/layer here) stays resident
+
+    out = tmp_path / "restored.png"
+    r = CliRunner().invoke(main, ["restore", str(photo), "-o", str(out), "--weights", str(supir_weights),
+                                  "--captioner-weights", str(converted), "--steps", "1", "--min-size", "64", "--seed", "5",
+                                  "--caption-size", "64"])
+    assert r.exit_code == 0, r.output
+    assert read_provenance(out)["caption"] == expected

@@ -16,7 +16,8 @@ import click
 KNOBS = (
     "upscale", "min_size", "sampler", "steps", "cfg", "cfg_start", "linear_cfg", "control_scale", "control_start",
     "linear_control", "restore_cfg", "s_churn", "s_noise", "eta", "color_fix", "seed", "num_samples",
-    "positive_prompt", "negative_prompt", "model", "tile_size", "tile_stride", "vae_encoder_tile", "vae_decoder_tile",
+    "positive_prompt", "negative_prompt", "caption_size", "model", "tile_size", "tile_stride", "vae_encoder_tile",
+    "vae_decoder_tile",
 )
 OUTPUT_FORMATS = {"png": ".png", "tif": ".tif", "tiff": ".tif", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}
 
@@ -76,6 +77,7 @@ def _clock(s: float) -> str:
 # prompt
 @click.option("--prompt", help="Caption to use instead of LLaVA's (a sidecar <photo>.txt is used when present).")
 @click.option("--no-caption", is_flag=True, help="Restore without any caption.")
+@click.option("--caption-size", type=int, help="Short side of the stage-1 image shown to LLaVA (default 512, as officially).")
 @click.option("--positive-prompt", help="Text appended to the caption (official a_prompt).")
 @click.option("--negative-prompt", help="Negative prompt (official n_prompt).")
 # knobs

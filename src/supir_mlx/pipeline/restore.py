@@ -30,10 +30,6 @@ from .residency import Residency
 from .settings import RestoreSettings, settings_for
 from .supir import Progress, StageStats, SupirRunner, Trace, VAETiles
 
-# The official test.py captions a stage-1 image made at this fixed short side (PIL2Tensor fix_resize=512).
-CAPTION_RESIZE = 512
-
-
 def default_dtype() -> mx.Dtype:
     """fp16 diffusion on Metal; fp32 on the CPU backend (its fp16 matmul is slow)."""
     return mx.float16 if mx.metal.is_available() else mx.float32
@@ -200,7 +196,7 @@ class Restorer:
         return s.prompt is None and self.captioner_path is not None
 
     def caption(self, image: Any, settings: RestoreSettings | None = None, staged: bool = False) -> str:
-        """The official captioning request on the stage-1 image (made at a 512-pixel short side, as test.py).
+        """The official captioning request on the stage-1 image (made at settings.caption_size, 512 as test.py).
         `staged`: LLaVA gets the memory alone (every SUPIR part is released while it runs)."""
         from ..captioner import Captioner
 
@@ -208,7 +204,7 @@ class Restorer:
         if self.captioner_path is None:
             raise RuntimeError("this Restorer has no captioner (pass captioner=... or give a prompt)")
         img = _as_pil(image)
-        x, h1, w1 = pil_to_tensor(img, s.upscale, s.min_size, fix_resize=CAPTION_RESIZE)
+        x, h1, w1 = pil_to_tensor(img, s.upscale, s.min_size, fix_resize=s.caption_size)
         self.runner.use(staged, "vae")
         clean = np.array(self.runner.denoise_stage1(mx.array(x)))
         stage1 = Image.fromarray(tensor_to_image(clean[0], h1, w1))

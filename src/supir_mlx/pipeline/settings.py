@@ -44,6 +44,7 @@ class RestoreSettings:
     num_samples: int = 1
     # text
     prompt: str | None = None  # the caption; None = caption automatically (or empty without a captioner)
+    caption_size: int = 512  # short side of the stage-1 image LLaVA is shown (test.py: PIL2Tensor fix_resize=512)
     positive_prompt: str = DEFAULT_POSITIVE_PROMPT  # a_prompt, appended to the caption
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT  # n_prompt
     # model
@@ -66,6 +67,7 @@ class RestoreSettings:
         need(self.min_size >= 64, f"min size must be at least 64, got {self.min_size}")
         need(1 <= self.steps <= 1000, f"steps must be between 1 and 1000, got {self.steps}")
         need(self.num_samples >= 1, f"num samples must be at least 1, got {self.num_samples}")
+        need(self.caption_size >= 64, f"caption size must be at least 64, got {self.caption_size}")
         need(self.s_churn >= 0 and self.s_noise > 0, "s_churn must be >= 0 and s_noise > 0")
         need(self.eta > 0 or self.sampler != "dpmpp", "eta must be > 0 for the DPM++ sampler (eta 0 gives NaN officially)")
         need(self.sampler != "dpmpp" or self.num_samples == 1, "the DPM++ sampler runs one sample at a time (as officially)")
