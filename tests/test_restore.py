@@ -200,3 +200,15 @@ def test_staged_residency_releases_parts_and_changes_nothing(restorer, tmp_path)
     assert seen["stage1"][1] < seen["sample"][1]
     runner.use(False)  # back to everything resident for the other tests
     assert runner.residency.resident == {"vae", "text", "denoiser"}
+
+
+def test_cli_offline_without_weights_lists_what_to_download(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("SUPIR_MLX_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    src = photo(tmp_path / "p.png")
+    r = CliRunner().invoke(main, ["restore", str(src), "--offline", "--prompt", "a chart", "--memory-limit", "64"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "sd_xl_base_1.0_0.9vae.safetensors" in r.output and "SUPIR-v0Q_fp16.safetensors" in r.output
+    assert "supir-mlx download" in r.output and not (tmp_path / "p_supir.png").exists()

@@ -239,6 +239,7 @@ def _without_earlier_outputs(sources, inputs, out_dir, pattern, ext, num_samples
 def _load(weights, sdxl, supir, model, source, captioner, captioner_weights, dtype, vae_dtype, quantize, memory_limit,
           offline, no_caption_needed):
     from ..pipeline.restore import Restorer
+    from ..weights.hub import WeightsUnavailable
 
     use_captioner = "none" if no_caption_needed else captioner
     try:
@@ -265,6 +266,8 @@ def _load(weights, sdxl, supir, model, source, captioner, captioner_weights, dty
         return r
     except Fail:
         raise
+    except WeightsUnavailable as e:  # the one message that lists every missing file and where to put it
+        raise Fail(str(e)) from None
     except (OSError, ValueError, RuntimeError) as e:
         raise Fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
