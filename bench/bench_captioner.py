@@ -24,7 +24,6 @@ import time
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from supir_mlx.captioner import TEMPERATURE, TOP_P, generate, make_sampler
 from supir_mlx.models.llava import LLAVA_V15_SIZES, LlavaConfig, LlavaModel

@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import platform
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -430,7 +430,7 @@ def test_batch_folder_pattern_failure_and_crash_then_resume(weights, tmp_path, m
     before = digests(src)
     args = ["restore", src, "-o", out, "--pattern", "{index}-{stem}.restored{ext}", "--weights", weights,
             "--prompt", "", *FAST]
-    crash = CountingRestore(monkeypatch, fail_on=2, error=RuntimeError("simulated crash in the sampler\ndetail"))
+    CountingRestore(monkeypatch, fail_on=2, error=RuntimeError("simulated crash in the sampler\ndetail"))
     r = run(*args)
     assert r.exit_code == 1, r.output
     no_traceback(r)
