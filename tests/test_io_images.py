@@ -5,6 +5,8 @@ import errno
 import io
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -244,3 +246,15 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
         save_image(tmp_path / "o.png", PX, bits=16)
     assert list(tmp_path.iterdir()) == []
     assert not os.path.exists(tmp_path / "o.png")
+
+
+def test_temp_files_of_killed_writers_are_removed_on_the_next_write(tmp_path):
+    """A writer killed outright (kill -9) leaves its hidden .part file; the next write of that output removes it,
+    but never the temp file of a writer that is still running."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".out.png.{child.stdout.strip()}.x1.part"
+    alive = tmp_path / f".out.png.{os.getpid()}.x2.part"
+    dead.write_bytes(b"partial")
+    alive.write_bytes(b"in progress")
+    save_image(tmp_path / "out.png", np.zeros((4, 4, 3), np.uint8))
+    assert (tmp_path / "out.png").is_file() and not dead.exists() and alive.exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import io
 import os
 import struct
@@ -248,6 +249,23 @@ def _tiff16(f, px: np.ndarray, icc: bytes | None, exif: bytes | None, tags: dict
     f.write(b"II*\0" + struct.pack("<I", 8) + ifd.tobytes(8) + data)  # strip offset 0 -> after the directory
 
 
+
+def _remove_stale_parts(path: Path) -> None:
+    """Temporary files of `path` left by a writer that was killed outright (kill -9, power loss): the writer's
+    pid is in the name, so only files of processes that no longer exist are removed."""
+    for part in path.parent.glob(f".{glob.escape(path.name)}.*.part"):
+        pid = part.name[len(path.name) + 2 :].split(".", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                part.unlink()
+        except OSError:
+            pass  # the process exists (another user's): its file is not ours to remove
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, overwrite: bool = False) -> Iterator[Any]:
     """A binary file object whose content appears at `path` only if the block completes.
@@ -260,8 +278,9 @@ def atomic_write(path: str | Path, overwrite: bool = False) -> Iterator[Any]:
         raise ImageError(f"{path}: already exists (not overwritten)")
     if not path.parent.is_dir():
         raise ImageError(f"{path}: output folder {path.parent} does not exist")
+    _remove_stale_parts(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".part", dir=path.parent)
     except OSError as e:
         raise ImageError(f"{path}: cannot write to {path.parent} ({_reason(e)})") from None
     try:
