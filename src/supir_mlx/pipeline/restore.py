@@ -24,7 +24,7 @@ from PIL import Image
 from ..config import SUPIRConfig
 from ..models.supir import SUPIRModel
 from ..sampling.noise import NoiseSource, SeededNoise
-from ..sampling.tiled import Tiling
+from ..sampling.tiled import Tiling, auto_tiling
 from .preprocess import pil_to_tensor, processing_size, resize_bicubic_torch, tensor_to_image, tensor_to_uint8
 from .residency import Residency
 from .settings import RestoreSettings, settings_for
@@ -148,11 +148,12 @@ class Restorer:
         from ..weights.convert import load_converted, read_manifest
         from ..weights.quantize import QuantSpec
 
+        dt = dtype or default_dtype()
         if captioner == "auto":
             from ..memory import MemoryPlanError, plan
 
             try:
-                captioner = plan(2048, 2048, dtype=_dtype_name(dtype or default_dtype()), captioner="auto",
+                captioner = plan(2048, 2048, dtype=_dtype_name(dt), captioner="auto",
                                  memory_limit_gb=memory_limit_gb).captioner
             except MemoryPlanError:
                 captioner = "7b"
@@ -160,7 +161,6 @@ class Restorer:
         files = hub.fetch(need, offline=offline)
         sources = files["sdxl"] + files["supir"]
         quant = QuantSpec(bits=quantize) if quantize else None
-        dt = dtype or default_dtype()
         entry = cache.ensure(sources, _dtype_name(dt), quant, log=log)
         net = cache.load(entry) if quant else load_converted(entry, dt)
         _set_vae_dtype(net, vae_dtype)
@@ -177,7 +177,6 @@ class Restorer:
         from ..memory import plan
 
         s = settings or RestoreSettings()
-
         W, H, _, _ = processing_size(width, height, s.upscale, s.min_size)
         use_captioner = self._will_caption(s) if captioner is None else captioner
         p = plan(
@@ -235,18 +234,11 @@ class Restorer:
         img = _as_pil(image)
         x, h0, w0 = pil_to_tensor(img, s.upscale, s.min_size)
         H, W = x.shape[1:3]
-        plan = self.plan(img.width, img.height, s)
-        if not plan.fits:
-            from ..memory import MemoryPlanError
-
-            raise MemoryPlanError(f"this restore needs about {plan.peak / 1e9:.1f} GB, more than the {plan.budget / 1e9:.1f} GB available")
+        plan = self.plan(img.width, img.height, s)  # raises MemoryPlanError before any work if nothing fits
         caption = s.prompt if s.prompt is not None else (self.caption(img, s, plan.staged) if self._will_caption(s) else "")
         vae_tiles = self._vae_tiles(s, plan)
-        tiling = Tiling(s.tile_size, s.tile_stride or s.tile_size // 2) if s.tile_size else "auto"
-        if tiling == "auto" and plan.unet_tile and plan.unet_tile < 128:
-            lh, lw = H // 8, W // 8
-            if max(lh, lw) > plan.unet_tile:
-                tiling = Tiling(plan.unet_tile, plan.unet_tile // 2)
+        f = self.config.vae.downsample_factor
+        tiling = Tiling(s.tile_size, s.tile_stride or s.tile_size // 2) if s.tile_size else auto_tiling(H // f, W // f, plan.unet_tile)
         trace = Trace(keep=("x_stage1",))
         out = self.runner.sample(
             mx.array(x), [caption], s, noise or SeededNoise(s.seed), tiling=tiling, vae_tiles=vae_tiles,
