@@ -160,14 +160,15 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
     except (ImageError, SettingsError, ValueError) as e:
         raise Fail(str(e)) from None
 
+    captions_given = no_caption or prompt is not None
     if plan_only:
-        _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption or prompt is not None)
+        _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, captions_given)
         return
 
     quantize, captioner = _fitting_choices(items, settings, weights, dtype, captioner, quantize, memory_limit,
-                                           no_caption or prompt is not None)
+                                           captions_given)
     restorer = _load(weights, sdxl, supir, settings.model, source, captioner, captioner_weights, dtype, vae_dtype,
-                     quantize, memory_limit, offline, no_caption or prompt is not None)
+                     quantize, memory_limit, offline, captions_given)
     progress = ProgressBar("", enabled=not quiet and sys.stderr.isatty())
     totals: dict[str, list[float]] = {}
 
@@ -176,9 +177,9 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
 
         loaded = load_image(item.input)
         if draft:
-            from ..pipeline.restore import draft_box
-
             from dataclasses import replace
+
+            from ..pipeline.restore import draft_box
 
             left, top, right, bottom = draft_box(*loaded.size, settings)
             loaded = replace(loaded, rgb=loaded.rgb[top:bottom, left:right],
@@ -302,7 +303,7 @@ def _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, co
             write_compare(path, np.asarray(loaded.to_pil()), np.asarray(result.images[i]), provenance=prov, overwrite=overwrite)
 
 
-def _plans(items, settings, weights, dtype, captioner, quant, memory_limit, no_caption_needed):
+def _plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed):
     """(item, header line, Plan or MemoryPlanError, or None for an unreadable file) per input, from the file
     headers alone (nothing decoded)."""
     from ..config import SUPIRConfig
@@ -311,9 +312,12 @@ def _plans(items, settings, weights, dtype, captioner, quant, memory_limit, no_c
     from ..pipeline.preprocess import processing_size
     from ..pipeline.restore import default_dtype
     from ..weights.loading import dtype_name
+    from ..weights.quantize import QuantSpec
 
     config = SUPIRConfig.load(weights / "config.json") if weights else SUPIRConfig.sdxl_v0()
     cap = None if no_caption_needed or captioner == "none" else captioner
+    # a converted folder is loaded as saved; downloaded weights are quantized as far as the plan needs
+    quant = QuantSpec(bits=int(quantize)) if quantize else ("auto" if not weights else None)
     for item in items:
         try:
             with open_header(item.input) as im:
@@ -332,11 +336,9 @@ def _plans(items, settings, weights, dtype, captioner, quant, memory_limit, no_c
 
 def _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed) -> None:
     from ..memory import MemoryPlanError
-    from ..weights.quantize import QuantSpec
 
-    quant = QuantSpec(bits=int(quantize)) if quantize else ("auto" if not weights else None)
     failed = False
-    for _, line, p in _plans(items, settings, weights, dtype, captioner, quant, memory_limit, no_caption_needed):
+    for _, line, p in _plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed):
         click.echo(line)
         if isinstance(p, MemoryPlanError):
             click.echo(f"  DOES NOT FIT: {p}")
@@ -351,12 +353,10 @@ def _fitting_choices(items, settings, weights, dtype, captioner, quantize, memor
     """Before loading anything: the weight quantization every input's plan needs (the strongest wins) and the
     captioner size (7B if any plan needs it), or a one-line refusal naming the first input that cannot fit."""
     from ..memory import MemoryPlanError
-    from ..weights.quantize import QuantSpec
 
-    quant = QuantSpec(bits=int(quantize)) if quantize else ("auto" if not weights else None)
     bits = int(quantize) if quantize else None
     sizes = set()
-    for item, _, p in _plans(items, settings, weights, dtype, captioner, quant, memory_limit, no_caption_needed):
+    for item, _, p in _plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed):
         if isinstance(p, MemoryPlanError):
             raise Fail(f"{item.input}: {p}")
         if p is None:
