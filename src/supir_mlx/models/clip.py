@@ -26,16 +26,16 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": nn.gelu}
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, causal: bool):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True)
+        h = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=self.causal)
         return self.out_proj(h)
 
 
@@ -53,12 +53,14 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    """One layer of the HF CLIP transformer, shared by the text tower (causal) and the vision tower (not)."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, act: str, eps: float, causal: bool):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads)
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(dim, heads, causal)
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = CLIPMLP(dim, hidden, act)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = x + self.self_attn(self.layer_norm1(x))
@@ -76,16 +78,17 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, num_layers: int, dim: int, heads: int, hidden: int, act: str, eps: float, causal: bool):
         super().__init__()
-        self.layers = [CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.layers = [CLIPEncoderLayer(dim, heads, hidden, act, eps, causal) for _ in range(num_layers)]
 
 
 class CLIPTextTransformer(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.embeddings = CLIPEmbeddings(cfg)
-        self.encoder = CLIPEncoder(cfg)
+        self.encoder = CLIPEncoder(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                                   cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps, causal=True)
         # Loaded so checkpoints map strictly; SDXL reads a hidden state before it, so it is never applied.
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 

@@ -14,9 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ConfigError
-from .layers import attention
-
-ACTIVATIONS = {"quick_gelu": lambda x: x * mx.sigmoid(1.702 * x), "gelu": nn.gelu}
+from .clip import ACTIVATIONS, CLIPEncoder
 
 
 @dataclass(frozen=True)
@@ -68,56 +66,13 @@ class CLIPVisionEmbeddings(nn.Module):
         return mx.concatenate([cls, x], axis=1) + self.position_embedding.weight
 
 
-class CLIPAttention(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig):
-        super().__init__()
-        d = cfg.hidden_size
-        self.heads = cfg.num_attention_heads
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
-
-
-class CLIPMLP(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig):
-        super().__init__()
-        self.act = ACTIVATIONS[cfg.hidden_act]
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig):
-        super().__init__()
-        self.self_attn = CLIPAttention(cfg)
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = CLIPMLP(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig, num_layers: int):
-        super().__init__()
-        self.layers = [CLIPEncoderLayer(cfg) for _ in range(num_layers)]
-
-
 class CLIPVisionTransformer(nn.Module):
     def __init__(self, cfg: CLIPVisionConfig, num_layers: int):
         super().__init__()
         self.embeddings = CLIPVisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF spelling
-        self.encoder = CLIPEncoder(cfg, num_layers)
+        self.encoder = CLIPEncoder(num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size,
+                                   cfg.hidden_act, cfg.layer_norm_eps, causal=False)
 
     def __call__(self, pixels: mx.array) -> mx.array:
         x = self.pre_layrnorm(self.embeddings(pixels))
