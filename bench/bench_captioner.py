@@ -1,18 +1,19 @@
 """Peak memory and time of the caption stage for a full-width LLaVA-1.5 with random quantized weights.
 
-The language model is built directly quantized, one layer at a time (its fp32 random init never exists for more
-than one layer), with the real vision tower, projector, vocabulary and prompt length (36 + 576 image features
-+ 18 tokens), then asked for the full 512 new tokens (no EOS stop), so the KV cache reaches its largest size.
-With `--layers 1 2` (the default) the peak is measured at 1 and 2 decoder layers and extrapolated linearly
-to the real depth (weights and KV cache both grow linearly with depth); `--layers 40` measures 13B outright.
+The model is built directly quantized, one layer at a time (its fp32 random init never exists for more than one
+layer), with the real vision tower, projector, vocabulary and prompt length (36 + 576 image features + 18
+tokens), written as a converted folder and loaded by the captioner's own loader, then run the way
+`Captioner.generate_ids` runs it, one phase at a time: the image features with everything resident, then, the
+vision tower released, prefill and generation. Peaks are measured above the language model's weights. The vision
+phase does not depend on the depth; the language phase is the KV cache (mlx-lm's rule: steps of 256 positions),
+computed for the real depth and all 512 new tokens, plus the prefill temporaries measured at `--layers`.
 
-MLX's CPU quantized matmul is a plain loop (~0.5 GMAC/s measured here, about 1000 s per 13B layer for the
-629-token prefill), so on CPU the prefill multiplies by the dequantized weight instead (`--cpu-dequant`, on by
-default there): one matrix at a time exists in fp32 (at most 656 MB, lm_head), so the CPU peak is an upper bound. Decoding
-stays on the quantized kernel, so on CPU ask for few new tokens; the KV cache of the full 512 is added from
-mlx-lm's allocation rule (steps of 256 positions).
+MLX's CPU quantized matmul is a plain loop (~0.5 GMAC/s measured here, minutes per layer for the 629-token
+prefill), so on CPU the prefill multiplies by the dequantized weight instead (`--cpu-dequant`, on by default
+there): one fp32 matrix at a time exists (at most 180 MB for 7B, 283 MB for 13B), so the CPU figure is an upper
+bound. Decoding stays on the quantized kernel, so on CPU ask for few new tokens.
 
-    python bench/bench_captioner.py [--size 13b|7b] [--bits 4|8] [--layers 1 2] [--new-tokens 8]
+    python bench/bench_captioner.py [--size 7b|13b] [--bits 4|8] [--layers 1 2] [--new-tokens 4]
 """
 
 from __future__ import annotations
@@ -20,17 +21,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
+import tempfile
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
-from supir_mlx.captioner import TEMPERATURE, TOP_P, generate, make_sampler
-from supir_mlx.models.llava import LLAVA_V15_SIZES, LlavaConfig, LlavaModel
+from supir_mlx import memory
+from supir_mlx.captioner import MAX_NEW_TOKENS, TEMPERATURE, TOP_P, Captioner, generate, make_sampler
+from supir_mlx.models.llava import LLAVA_V15_SIZES, LlavaConfig, LlavaModel, load_llava
 
 GB = 1e9
 KV_STEP = 256  # mlx-lm KVCache grows its buffers in steps of this many positions
-PROMPT_BEFORE, PROMPT_AFTER = 36, 18  # token counts around the image in SUPIR's request (LLaMA tokenizer)
+PROMPT_BEFORE = 36  # tokens before the image in SUPIR's request (LLaMA tokenizer); the rest come after it
+PROMPT_AFTER = memory.CAPTION_PROMPT_TOKENS - PROMPT_BEFORE - 576
 
 
 def build(cfg: LlavaConfig, bits: int, dtype: mx.Dtype) -> LlavaModel:
@@ -49,7 +56,8 @@ def dequantizing_prefill() -> None:
     quantized_call = nn.QuantizedLinear.__call__
 
     def call(self, x):
-        if x.shape[-2] == 1:
+        # one row: decoding. Vocabulary-wide output: the lm_head, whose prefill logits mlx-lm never evaluates
+        if x.shape[-2] == 1 or self.weight.shape[0] >= 32000:
             return quantized_call(self, x)
         w = mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
         y = x @ w.T
@@ -65,65 +73,100 @@ def kv_bytes(cfg: LlavaConfig, positions: int, dtype: mx.Dtype) -> int:
     return 2 * t.num_hidden_layers * slots * t.num_key_value_heads * (t.head_dim or t.hidden_size // t.num_attention_heads) * dtype.size
 
 
+def save(model: LlavaModel, cfg: LlavaConfig, bits: int, folder: Path) -> list[Path]:
+    """The model as a converted folder, so the captioner can release and re-read its vision tower."""
+    (folder / "config.json").write_text(json.dumps(
+        dataclasses.replace(cfg, quantization={"group_size": 64, "bits": bits}).to_dict()))
+    files = [folder / "model.safetensors"]
+    mx.save_safetensors(str(files[0]), dict(tree_flatten(model.parameters())))
+    return files
+
+
+def nbytes(*modules: nn.Module) -> int:
+    return sum(v.nbytes for m in modules for _, v in tree_flatten(m.parameters()))
+
+
 def run(size: str, bits: int, layers: int, new_tokens: int, dtype: mx.Dtype) -> dict[str, float]:
+    """The caption stage as `Captioner.generate_ids` runs it, one phase at a time: image features with the whole
+    model resident, then (vision tower released) prefill + generation. Peaks are above the language model."""
     base = LlavaConfig.llava_v15(size)
     cfg = dataclasses.replace(base, text=dataclasses.replace(base.text, num_hidden_layers=layers, layer_types=None))
     mx.clear_cache()
-    mx.reset_peak_memory()
+    held = mx.get_active_memory()
     t = time.perf_counter()
-    model = build(cfg, bits, dtype)
-    out = {"build_s": time.perf_counter() - t, "weights_gb": mx.get_active_memory() / GB}
-    key = mx.random.key(0)
-    pixels = mx.random.normal((1, 336, 336, 3), key=key)
-    ids = mx.random.randint(3, 32000, (PROMPT_BEFORE + PROMPT_AFTER,), key=key).tolist()
-    mx.reset_peak_memory()
-    t = time.perf_counter()
-    features = model.image_features(pixels)[0]
-    emb = model.embed(ids[:PROMPT_BEFORE], features, ids[PROMPT_BEFORE:])
-    mx.eval(emb)
-    out["vision_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    tokens = generate(model, emb, make_sampler(TEMPERATURE, TOP_P, 0), new_tokens, None)
-    out["generate_s"] = time.perf_counter() - t
-    out["tokens"] = len(tokens)
-    out["caption_peak_gb"] = mx.get_peak_memory() / GB
-    del model, features, emb
+    with tempfile.TemporaryDirectory() as tmp:
+        files = save(build(cfg, bits, dtype), cfg, bits, Path(tmp))
+        gc.collect()
+        mx.clear_cache()
+        model = load_llava(tmp, dtype)
+        cap = Captioner(model, None, files=files)
+        out = {"build_s": time.perf_counter() - t, "lm_gb": nbytes(model.language_model) / GB,
+               "vision_gb": nbytes(model.vision_tower, model.multi_modal_projector) / GB}
+        lm = nbytes(model.language_model) + held
+        key = mx.random.key(0)
+        pixels = mx.random.normal((1, 336, 336, 3), key=key)
+        ids = mx.random.randint(3, 32000, (PROMPT_BEFORE + PROMPT_AFTER,), key=key).tolist()
+        mx.reset_peak_memory()
+        t = time.perf_counter()
+        emb = model.embed(ids[:PROMPT_BEFORE], model.image_features(pixels)[0], ids[PROMPT_BEFORE:])
+        mx.eval(emb)
+        out["vision_s"] = time.perf_counter() - t
+        out["vision_phase_gb"] = (mx.get_peak_memory() - lm) / GB
+        cap.residency.use("language")
+        mx.reset_peak_memory()
+        t = time.perf_counter()
+        tokens = generate(model, emb, make_sampler(TEMPERATURE, TOP_P, 0), new_tokens, None)
+        out["generate_s"] = time.perf_counter() - t
+        out["tokens"] = len(tokens)
+        out["language_phase_gb"] = (mx.get_peak_memory() - lm) / GB
+        out["kv_gb"] = kv_bytes(cfg, memory.CAPTION_PROMPT_TOKENS + new_tokens, dtype) / GB
+        del model, cap, emb
     gc.collect()
     mx.clear_cache()
-    out["after_close_gb"] = mx.get_active_memory() / GB
+    out["after_close_gb"] = (mx.get_active_memory() - held) / GB
     return out
+
+
+def caption_stage(size: str, dtype: mx.Dtype, layers: tuple[int, ...] = (1, 2), bits: int = 4,
+                  new_tokens: int = 4, cpu_dequant: bool | None = None) -> tuple[float, int]:
+    """(seconds measured, bytes above the language model's weights at the real depth with 512 new tokens):
+    the larger of the vision phase (tower + its activations; does not depend on the depth) and the language
+    phase (KV cache from mlx-lm's rule at the real depth + the prefill temporaries measured here)."""
+    if cpu_dequant if cpu_dequant is not None else mx.default_device() == mx.cpu:
+        dequantizing_prefill()
+    full = LlavaConfig.llava_v15(size)
+    seconds, vision, transient = 0.0, 0.0, 0.0
+    for n in layers:
+        r = run(size, bits, n, new_tokens, dtype)
+        seconds += r["vision_s"] + r["generate_s"]
+        vision = max(vision, r['vision_phase_gb'])
+        transient = max(transient, r['language_phase_gb'] - r["kv_gb"])
+        print(f"  LLaVA {size} with {n} layer(s), {bits}-bit LM, {dtype}: LM {r['lm_gb']:.2f} GB, vision tower + "
+              f"projector {r['vision_gb']:.2f} GB | above the LM: vision phase {r['vision_phase_gb']:.3f} GB, "
+              f"language phase {r['language_phase_gb']:.3f} GB (KV {r['kv_gb']:.3f} GB) | left after close "
+              f"{r['after_close_gb']:.3f} GB | vision {r['vision_s']:.1f} s, {r['tokens']} tokens in "
+              f"{r['generate_s']:.1f} s", flush=True)
+    kv = kv_bytes(full, memory.CAPTION_PROMPT_TOKENS + MAX_NEW_TOKENS, dtype) / GB
+    print(f"  at {full.text.num_hidden_layers} layers and {MAX_NEW_TOKENS} new tokens: KV {kv:.2f} GB + prefill "
+          f"temporaries {transient:.2f} GB, vision phase {vision:.2f} GB", flush=True)
+    return seconds, int(max(vision, kv + transient) * GB)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=sorted(LLAVA_V15_SIZES), default="13b")
+    ap.add_argument("--size", choices=sorted(LLAVA_V15_SIZES), default="7b")
     ap.add_argument("--bits", type=int, choices=(4, 8), default=4)
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--cpu-dequant", action=argparse.BooleanOptionalAction, default=mx.default_device() == mx.cpu)
     args = ap.parse_args()
     dtype = mx.float16 if mx.default_device() == mx.gpu else mx.float32  # as Captioner.load chooses
-    if args.cpu_dequant:
-        dequantizing_prefill()
-    depth = LLAVA_V15_SIZES[args.size][1]
     print(f"LLaVA-1.5-{args.size}, {args.bits}-bit LM, {dtype}, device {mx.default_device()}")
-    rows = {}
-    for n in args.layers:
-        r = rows[n] = run(args.size, args.bits, n, args.new_tokens, dtype)
-        print(f"{n:3d} layers: weights {r['weights_gb']:.2f} GB, caption peak {r['caption_peak_gb']:.2f} GB, "
-              f"after close {r['after_close_gb']:.3f} GB | build {r['build_s']:.1f} s, vision {r['vision_s']:.1f} s, "
-              f"{r['tokens']} tokens in {r['generate_s']:.1f} s ({r['tokens'] / r['generate_s']:.1f} tok/s)")
-    full = LlavaConfig.llava_v15(args.size)
-    prompt = PROMPT_BEFORE + full.vision.num_patches + PROMPT_AFTER
-    extra_kv = (kv_bytes(full, prompt + 512, dtype) - kv_bytes(full, prompt + args.new_tokens, dtype)) / GB
-    print(f"KV cache of all {depth} layers: {kv_bytes(full, prompt + 512, dtype) / GB:.2f} GB at {prompt} + 512 positions")
-    if len(rows) >= 2 and depth not in rows:
-        (a, ra), (b, rb) = sorted(rows.items())[:2]
-        for k in ("weights_gb", "caption_peak_gb"):
-            slope = (rb[k] - ra[k]) / (b - a)
-            print(f"extrapolated to {depth} layers: {k} = {ra[k] + slope * (depth - a):.2f} GB ({slope * 1e3:.0f} MB per layer)")
-        peak = ra["caption_peak_gb"] + (rb["caption_peak_gb"] - ra["caption_peak_gb"]) / (b - a) * (depth - a)
-        print(f"caption stage peak for 512 new tokens: {peak + extra_kv:.2f} GB (extrapolated peak + {extra_kv:.2f} GB more KV)")
+    seconds, above = caption_stage(args.size, dtype, tuple(args.layers), args.bits, args.new_tokens, args.cpu_dequant)
+    weights, planned = memory.captioner_stage(args.size, dtype)
+    print(f"caption stage: language model {weights / GB:.2f} GB (exact, real depth) + {above / GB:.2f} GB = "
+          f"{(weights + above) / GB:.2f} GB; planner {(weights + planned) / GB:.2f} GB "
+          f"({(weights + planned) / (weights + above) - 1:+.1%}); {seconds:.1f} s measured")
 
 
 if __name__ == "__main__":

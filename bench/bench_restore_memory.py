@@ -28,7 +28,7 @@ from supir_mlx.models.vae import AutoencoderKL
 from supir_mlx.pipeline.tiled_vae import tiled_decode, tiled_encode, tiled_encode_with_denoise
 from supir_mlx.sampling.denoiser import denoise
 from supir_mlx.sampling.tiled import auto_tiling
-from supir_mlx.weights.quantize import QuantSpec, materialize, parameter_bytes, quantize
+from supir_mlx.weights.quantize import QuantSpec, materialize, quantize
 
 GB = 1e9
 # Restores always tile the VAE (outputs are >= 1024 px on the short side by default): calibrate in that regime.
@@ -136,62 +136,109 @@ def calibrate_vae(cfg: SUPIRConfig, dtype: mx.Dtype) -> None:
         print(f"fit (fp32): VAE_{name}_PER_PIXEL={k:.1f} VAE_{name}_FIXED={c0:.0f}")
 
 
-def run_case(cfg: SUPIRConfig, in_px: int, out_px: int, steps: int, dtype: mx.Dtype, spec: QuantSpec | None,
-             batched: bool, full_depth: bool, max_tiles: int | None, budget: int) -> None:
-    plan = memory.estimate(out_px, out_px, config=cfg, dtype=dtype, quant=spec, unet_tile=memory.DEFAULT_TILE,
-                           cfg_batched=batched, captioner=None, budget=budget)
+STAGES = ("caption", "text", "vae", "diffusion")
+
+
+def run_case(cfg: SUPIRConfig, in_px: int, out_px: int, steps: int, dtype: mx.Dtype, limit_gb: float | None,
+             captioner: str, full_depth: bool, max_tiles: int | None, stages: tuple[str, ...],
+             caption_layers: tuple[int, ...]) -> None:
+    """Run the stages of the plan `memory.plan` makes for this output and limit, with its settings (VAE tiles and
+    spilling, sampler tile, CFG batching, quantization, residency), and set the measured peaks beside its estimates.
+
+    Measured peak of a stage = the weights resident in it (exact byte counts of the planned models, the same
+    numbers the planner uses) + the activation peak measured here. Stage-1 is the denoise encoder then the decoder
+    at the output size; the later `encode` and `decode` run the same network shapes with the same tiles, so they
+    reuse those two measurements instead of running the two longest passes again."""
+    plan = memory.plan(out_px, out_px, config=cfg, dtype=dtype, captioner=captioner, memory_limit_gb=limit_gb)
+    print(f"\n## {in_px} -> {out_px} px, {steps} denoiser step(s), the planner's plan for {plan.budget / GB:.1f} GB:")
+    print(plan)
     est = {s.name: s for s in plan.stages}
     vdt = mx.float32 if dtype == mx.float16 else dtype  # the VAE's dtype rule (weights.loading.component_dtypes)
-    print(f"\n## {in_px} -> {out_px} px, {steps} denoiser step(s), {dtype}, quant={spec.bits if spec else 'none'}, "
-          f"CFG {'batch 2' if batched else 'sequential'}")
-    print(f"{'stage':28s} {'time s':>8s} {'peak GB':>8s} {'activ. GB':>8s} {'planned':>10s} {'error':>7s}")
+    measured: dict[str, int] = {}
+    print(f"\n{'stage':28s} {'time s':>8s} {'weights':>8s} {'activ.':>8s} {'peak GB':>8s} {'planned':>8s} {'error':>7s}")
 
-    def row(name: str, seconds: float, weights: int, act: int) -> None:
-        planned = est[name].activations
-        print(f"{name:28s} {seconds:8.1f} {(weights + act) / GB:8.2f} {act / GB:8.2f} {planned / GB:10.2f} "
-              f"{(planned / act - 1):+7.1%}", flush=True)
+    def row(name: str, seconds: float, act: int, note: str = "") -> None:
+        s = est[name]
+        measured[name] = s.weights + act
+        print(f"{name:28s} {seconds:8.1f} {s.weights / GB:8.2f} {act / GB:8.2f} {(s.weights + act) / GB:8.2f} "
+              f"{s.total / GB:8.2f} {s.total / (s.weights + act) - 1:+7.1%}{'  ' + note if note else ''}", flush=True)
 
-    enc_tile, dec_tile = plan.vae_tiles.encoder_tile, plan.vae_tiles.decoder_tile
-    # the budget the plan gave the tiled VAE: its passes spill tile states to disk exactly when planned
-    vae_budget = max(budget - est["encode"].weights, 1)
-    t = time.perf_counter()
-    vae = build_vae(cfg, vdt)
-    vae_w = parameter_bytes(vae)
-    print(f"{'load VAE (random)':28s} {time.perf_counter() - t:8.1f}")
-    img = mx.random.uniform(-1, 1, (1, out_px, out_px, 3)).astype(vdt)  # the LQ image upscaled to the output size
-    dt, p, z1 = measure(tiled_encode_with_denoise, vae, img, enc_tile, budget_bytes=vae_budget)
-    dt2, p2, x1 = measure(tiled_decode, vae, z1, dec_tile, budget_bytes=vae_budget)
-    row("stage-1 (denoise enc + dec)", dt + dt2, vae_w, max(p, p2))
-    dt, p, z = measure(tiled_encode, vae, x1.astype(vdt), enc_tile, budget_bytes=vae_budget)
-    row("encode", dt, vae_w, p)
-    del x1, img
-    mx.clear_cache()
+    if "caption" in stages and plan.captioner:
+        from bench_captioner import caption_stage  # noqa: PLC0415 (bench/ is on sys.path when run as a script)
 
-    t = time.perf_counter()
-    den = build_denoiser(cfg if full_depth else reduced(cfg), dtype, spec)
-    den_w = memory.weight_bytes(cfg, "denoiser", dtype, spec)  # exact bytes of the full model
-    print(f"{'load UNet+control (random)':28s} {time.perf_counter() - t:8.1f}"
-          f"{'' if full_depth else '   reduced depth: activations and time of 1/1/1-deep transformers'}")
-    h, w = z.shape[1:3]
-    tiling = auto_tiling(h, w, memory.DEFAULT_TILE)
-    windows = tiling.windows(h, w) if tiling else [(0, h, 0, w)]
-    cond, uncond = conditions(cfg, z.astype(dtype), dtype)
-    x = mx.random.normal(z.shape).astype(dtype)
-    total, peak = 0.0, 0
-    ran = windows[: max_tiles or len(windows)]
-    for _ in range(steps):
-        for (h0, h1, w0, w1) in ran:
-            crop = lambda c: Cond(c.crossattn, c.vector, c.control[:, h0:h1, w0:w1])  # noqa: E731
-            dt, p, _ = measure(lambda: denoise(den, x[:, h0:h1, w0:w1], 5.0, crop(cond), crop(uncond), 1.0,
-                                               batched=batched))
-            total, peak = total + dt, max(peak, p)
-    total *= len(windows) / len(ran)
-    row("diffusion", total, vae_w + den_w, peak)
-    print(f"{'  per step':28s} {total / steps:8.1f}   ({len(windows)} tile(s) of {windows[0][1] - windows[0][0]}x"
-          f"{windows[0][3] - windows[0][2]} latent{'' if len(ran) == len(windows) else f'; timed {len(ran)}, scaled'})")
-    dt, p, _ = measure(tiled_decode, vae, x, dec_tile, budget_bytes=vae_budget)
-    row("decode", dt, vae_w + den_w, p)
-    print(f"planner peak {plan.peak / GB:.2f} GB")
+        seconds, act = caption_stage(plan.captioner, dtype, caption_layers)
+        row(f"caption (LLaVA {plan.captioner})", seconds, act, f"layers {caption_layers} measured, extrapolated")
+    if "text" in stages:
+        from supir_mlx.models.conditioner import Conditioner  # noqa: PLC0415
+
+        cond = Conditioner(cfg)
+        cond.set_dtype(dtype)  # the planner counts the text encoders unquantized unless the spec covers them
+        materialize(cond)
+        caption = "a photo " * 60  # long enough to fill the 77 tokens
+        dt, p, _ = measure(lambda: cond.prepare_condition([caption], "positive", "negative"))
+        row("text encoders", dt, p)
+        del cond
+        mx.clear_cache()
+    if "vae" in stages:
+        tiles = plan.vae_tiles
+        vae_budget = max(plan.budget - est["encode"].weights, 1)  # what the plan left the tiled VAE
+        vae = build_vae(cfg, vdt)
+        img = mx.random.uniform(-1, 1, (1, out_px, out_px, 3)).astype(vdt)  # the LQ image at the output size
+        dte, pe, z1 = measure(tiled_encode_with_denoise, vae, img, tiles.encoder_tile, budget_bytes=vae_budget)
+        dtd, pd, _ = measure(tiled_decode, vae, z1, tiles.decoder_tile, budget_bytes=vae_budget)
+        spill = f"encoder tile {tiles.encoder_tile} px{' spilled' if tiles.encoder_spill else ''}, decoder tile " \
+                f"{tiles.decoder_tile} latent px{' spilled' if tiles.decoder_spill else ''}"
+        row("stage-1 (denoise enc + dec)", dte + dtd, max(pe, pd), spill)
+        row("encode", dte, pe, "= stage-1's encoder pass (same shapes and tiles)")
+        row("decode", dtd, pd, "= stage-1's decoder pass (same shapes and tiles)")
+        del vae, img, z1
+        mx.clear_cache()
+    if "diffusion" in stages:
+        depth_cfg = cfg if full_depth else reduced(cfg)
+        den = build_denoiser(depth_cfg, dtype, None)
+        batched, lat = plan.cfg_batched, out_px // 8
+        tiling = auto_tiling(lat, lat, plan.unet_tile)
+        windows = tiling.windows(lat, lat) if tiling else [(0, lat, 0, lat)]
+        z = mx.random.normal((1, lat, lat, 4)).astype(dtype)
+        cond, uncond = conditions(cfg, z, dtype)
+        x = mx.random.normal(z.shape).astype(dtype)
+        mx.eval(z, x, cond.crossattn, cond.vector)
+        total, peak = 0.0, 0
+        ran = windows[: max_tiles or len(windows)]
+        for _ in range(steps):
+            for (h0, h1, w0, w1) in ran:
+                crop = lambda c: Cond(c.crossattn, c.vector, c.control[:, h0:h1, w0:w1])  # noqa: E731
+                dt, p, _ = measure(lambda: denoise(den, x[:, h0:h1, w0:w1], 5.0, crop(cond), crop(uncond), 1.0,
+                                                   batched=batched))
+                total, peak = total + dt, max(peak, p)
+        total *= len(windows) / len(ran)
+        note = ""
+        if plan.quant and plan.quant.convs:
+            # Quantized 3x3 convs are dequantized just in time; the lazy graph may dequantize a few ahead. MLX's
+            # CPU quantized kernels are too slow for a full tile, so that extra is measured on a small latent:
+            # the same reduced-depth denoiser quantized as planned minus unquantized (the feature maps cancel).
+            small = mx.random.normal((1, 16, 16, 4)).astype(dtype)
+            sc = Cond(cond.crossattn, cond.vector, small)
+            call = lambda m: measure(lambda: denoise(m, small, 5.0, sc, sc, 1.0, batched=False))  # noqa: E731
+            _, plain, _ = call(den)
+            del den
+            mx.clear_cache()
+            qden = build_denoiser(depth_cfg, dtype, plan.quant)
+            _, quantized, _ = call(qden)
+            del qden
+            extra = max(quantized - plain, 0)
+            peak += extra
+            note = f"incl. {extra / GB:.2f} GB of just-in-time dequantized convs ({plan.quant.bits}-bit)"
+        mx.clear_cache()
+        row("diffusion", total, peak, note)
+        print(f"{'  per step':28s} {total / steps:8.1f}   ({len(windows)} tile(s) of {windows[0][1] - windows[0][0]}x"
+              f"{windows[0][3] - windows[0][2]} latent, CFG {'batch 2' if batched else 'sequential'}"
+              f"{'' if len(ran) == len(windows) else f'; timed {len(ran)}, scaled'}"
+              f"{'' if full_depth else '; reduced depth: activations of 1/1/1-deep transformers, not its time'})")
+    if len(measured) == len(est):
+        top = max(measured, key=measured.get)
+        print(f"measured peak {measured[top] / GB:.2f} GB ({top}); planner {plan.peak / GB:.2f} GB "
+              f"({plan.peak / measured[top] - 1:+.1%})")
 
 
 TORCH_STEP = """
@@ -239,11 +286,14 @@ def main() -> None:
     ap.add_argument("--case", action="append", help="IN:OUT pixels, e.g. 512:1024 (repeatable)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--dtype", choices=DTYPES, default="float32")
-    ap.add_argument("--quant", choices=("none", "8", "4"), default="none",
-                    help="weight quantization (MLX's CPU backend has no fast quantized kernels: use it on Metal)")
     ap.add_argument("--full-depth", action="store_true",
                     help="the real 10-deep transformers (default: 1-deep, same activation peak, 1/4 of the weights)")
-    ap.add_argument("--sequential-cfg", action="store_true")
+    ap.add_argument("--captioner", choices=("auto", "13b", "7b", "none"), default="auto",
+                    help="what the planner may choose (auto: 13B if it fits, else 7B)")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                    help="measure only these (e.g. in separate processes: the peaks are per process)")
+    ap.add_argument("--caption-layers", type=int, nargs="+", default=[1, 2],
+                    help="decoder layers of the measured LLaVA models (extrapolated to the real depth)")
     ap.add_argument("--max-tiles", type=int, help="run only this many sampler tiles per step (all tiles are alike: "
                     "the peak is the same, the step time is scaled up)")
     ap.add_argument("--memory-limit", type=float, help="GB the planner (and so the VAE tiles) may use")
@@ -259,11 +309,10 @@ def main() -> None:
         calibrate_unet(cfg, dtype)
     if a.calibrate in ("vae", "all"):
         calibrate_vae(cfg, dtype)
-    spec = None if a.quant == "none" else QuantSpec(bits=int(a.quant))
     for case in a.case or []:
         i, o = (int(v) for v in case.split(":"))
-        run_case(cfg, i, o, a.steps, dtype, spec, not a.sequential_cfg, a.full_depth, a.max_tiles,
-                 memory.available_memory(a.memory_limit))
+        run_case(cfg, i, o, a.steps, dtype, a.memory_limit, None if a.captioner == "none" else a.captioner,
+                 a.full_depth, a.max_tiles, tuple(a.stages), tuple(a.caption_layers))
         mx.clear_cache()
     if a.torch:
         torch_ratio(a.torch, cfg, a.torch_latent)

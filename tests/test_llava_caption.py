@@ -4,6 +4,7 @@ import json
 import shutil
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import mlx.nn as nn
 import numpy as np
 import pytest
@@ -160,6 +161,31 @@ def test_caption_greedy_is_the_decoded_generation(converted, photo):
         assert text == clean_caption(cap.tokenizer.decode(ids, skip_special_tokens=True)) and text
         sampled = [cap.caption(np.asarray(Image.open(photo)), seed=s, max_new_tokens=20) for s in (1, 1, 2)]
     assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_caption_releases_the_vision_tower_before_generating(converted, photo):
+    with Captioner.load(converted, dtype=mx.float32) as cap:
+        vision = sum(v.nbytes for m in (cap.model.vision_tower, cap.model.multi_modal_projector)
+                     for _, v in tree_flatten(m.parameters()))
+        mx.clear_cache()
+        held = mx.get_active_memory()
+        first = cap.caption(Image.open(photo), greedy=True, max_new_tokens=8)
+        mx.clear_cache()
+        assert cap.residency.resident == {"language"}
+        assert held - mx.get_active_memory() >= 0.95 * vision  # the tower's arrays are lazy file reads again
+        assert cap.caption(Image.open(photo), greedy=True, max_new_tokens=8) == first  # read back unchanged
+
+
+def test_planner_counts_the_captioner_as_loaded(converted):
+    """memory.llava_bytes (what the planner counts for LLaVA-1.5) equals the bytes a loaded converted folder holds."""
+    from supir_mlx.memory import llava_bytes
+
+    for dtype in (mx.float16, mx.float32):
+        with Captioner.load(converted, dtype=dtype) as cap:
+            cfg = cap.model.config
+            held = [sum(v.nbytes for m in mods for _, v in tree_flatten(m.parameters())) for mods in
+                    ((cap.model.language_model,), (cap.model.vision_tower, cap.model.multi_modal_projector))]
+            assert llava_bytes(cfg, dtype, cfg.quantization["bits"], cfg.quantization["group_size"]) == tuple(held)
 
 
 def test_close_frees_the_weights(converted):

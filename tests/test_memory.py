@@ -102,7 +102,7 @@ def test_staged_plan_keeps_only_what_each_stage_needs():
     w = {s.name: s.weights for s in p.stages}
     assert w["stage-1 (denoise enc + dec)"] == w["encode"] == vae
     assert w["text encoders"] == vae + text and w["diffusion"] == vae + den and w["decode"] == vae
-    assert w["caption (LLaVA 7b)"] == memory.captioner_bytes("7b")[0]
+    assert w["caption (LLaVA 7b)"] == memory.captioner_stage("7b", mx.float16)[0]
     resident = memory.estimate(1024, 1024, dtype="float16", captioner="7b", budget=int(32 * GB))
     assert all(s.weights == vae + text + den for s in resident.stages[1:])
     assert "loaded per stage" in str(p) and "all resident" in str(resident)

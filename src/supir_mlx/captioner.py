@@ -4,7 +4,8 @@ The request reproduces `llava/llava_agent.py` of the SUPIR repository: conversat
 prompt split at `<image>` with BOS on the first chunk only, the image replaced by its 576 patch features,
 sampling at temperature 0.2 / top-p 0.7 (greedy when asked), at most 512 new tokens, then the agent's clean-up.
 The captioner is meant to live only for the caption: `close()` (or leaving a `with` block) frees its memory
-before diffusion starts.
+before diffusion starts. Within a caption the vision tower and projector (0.6 GB in fp16) are released once the
+image features exist, so they are not resident beside the language model's KV cache (the caption stage's peak).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mlx_lm.sample_utils import apply_top_p
 from PIL import Image
 
 from .models.llava import LlavaModel, load_llava, preprocess_image
+from .pipeline.residency import Residency
 from .weights.llava_convert import default_llava_dir
 
 SYSTEM = (
@@ -31,6 +33,7 @@ QUESTION_GRADIO = QUESTION + " The image is a realistic photography, not an art 
 IMAGE = "<image>"
 STOP = "</s>"  # vicuna_v1 sep2
 TEMPERATURE, TOP_P, MAX_NEW_TOKENS = 0.2, 0.7, 512
+PARTS = {"vision": ("vision_tower.", "multi_modal_projector."), "language": ("language_model.",)}
 
 
 class CaptionerUnavailable(FileNotFoundError):
@@ -92,10 +95,13 @@ def generate(
 class Captioner:
     """`with Captioner.load() as c: text = c.caption(image, seed=1234)`."""
 
-    def __init__(self, model: LlavaModel, tokenizer, question: str = QUESTION):
+    def __init__(self, model: LlavaModel, tokenizer, question: str = QUESTION, files: list[Path] | None = None):
+        """`files`: the safetensors files `model` was loaded from; with them the vision tower is released after
+        each image's features are computed and read back for the next image."""
         self.model = model
         self.tokenizer = tokenizer
         self.question = question
+        self.residency = Residency(model, files, PARTS) if files else None
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, dtype: mx.Dtype | None = None, question: str = QUESTION) -> "Captioner":
@@ -109,7 +115,8 @@ class Captioner:
         from transformers import AutoTokenizer
 
         dtype = dtype or (mx.float16 if mx.default_device() == mx.gpu else mx.float32)
-        return cls(load_llava(path, dtype), AutoTokenizer.from_pretrained(str(path)), question)
+        return cls(load_llava(path, dtype), AutoTokenizer.from_pretrained(str(path)), question,
+                   sorted(path.glob("model*.safetensors")))
 
     def caption(self, image: Image.Image | np.ndarray, *, seed: int = 0, greedy: bool = False,
                 max_new_tokens: int = MAX_NEW_TOKENS) -> str:
@@ -118,15 +125,26 @@ class Captioner:
             raise RuntimeError("this captioner was closed")
         before, after = prompt_ids(self.tokenizer, self.question)
         pixels = preprocess_image(image, self.model.config.vision.image_size)
-        embeddings = self.model.embed(before, self.model.image_features(pixels)[0], after)
         sampler = make_sampler(0.0 if greedy else TEMPERATURE, TOP_P, seed)
-        ids = generate(self.model, embeddings, sampler, max_new_tokens, self.tokenizer.eos_token_id)
+        ids = self.generate_ids(pixels, before, after, sampler, max_new_tokens, self.tokenizer.eos_token_id)
         return clean_caption(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def generate_ids(self, pixels: mx.array, before: list[int], after: list[int], sampler: Callable,
+                     max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+        """New token ids for the prompt `before` + image features of `pixels` + `after`."""
+        if self.residency:
+            self.residency.use("vision", "language")
+        embeddings = self.model.embed(before, self.model.image_features(pixels)[0], after)
+        if self.residency:
+            mx.eval(embeddings)
+            self.residency.use("language")
+        return generate(self.model, embeddings, sampler, max_new_tokens, eos_token_id)
 
     def close(self) -> None:
         """Drop the weights and return MLX's cached buffers, so diffusion gets the memory."""
         self.model = None
         self.tokenizer = None
+        self.residency = None
         gc.collect()
         mx.clear_cache()
 

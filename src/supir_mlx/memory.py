@@ -59,14 +59,21 @@ QUANT_CONV_TRANSIENT = 485_000_000
 # Text encoders over 77 tokens, batch 2: a few MB of activations; 0.1 GB covers the attention
 # temporaries (estimate, not measured: the encoders run in well under 1% of the weights' bytes).
 TEXT_ACTIVATIONS = int(0.1 * GB)
-# LLaVA-1.5 (estimate, not measured here): vision tower on 577 tokens plus a ~700-token KV cache of a
-# 40-layer 5120-wide (13B) / 32-layer 4096-wide (7B) model in fp16, doubled for temporaries.
-CAPTIONER = {  # parameters (llava-hf layout, vocab 32064) and activation bytes
-    "13b": (13_351_494_656, int(0.8 * GB)),
-    "7b": (7_063_427_072, int(0.6 * GB)),
-}
+# LLaVA-1.5 caption stage (captioner.Captioner.generate_ids): the quantized language model stays resident; on
+# top of it first the vision tower + projector (kept in the run's dtype) and their activations, then, with the
+# tower released, the KV cache for the prompt and 512 new tokens (mlx-lm's KVCache grows in steps of 256
+# positions) and the prefill's temporaries. The two activation constants are fp32 peaks measured by
+# bench/bench_captioner.py with full-width random 4-bit models (7B: 1, 2 and 4 layers, 0.469/0.480/0.479 GB of
+# prefill temporaries: they do not grow with the depth; 13B: 1 and 2 layers). Its CPU prefill holds one dequantized
+# fp32 matrix at a time, so on Metal the second is an upper bound; fp16 halves them, like every activation here.
+CAPTIONERS = ("13b", "7b")
 CAPTIONER_BITS = 4  # the captioner is converted to 4-bit MLX once
 CAPTIONER_GROUP = 64
+CAPTION_PROMPT_TOKENS = 630  # SUPIR's request: 36 tokens, 576 image features, 18 tokens (LLaMA tokenizer)
+CAPTION_NEW_TOKENS = 512  # captioner.MAX_NEW_TOKENS
+KV_STEP = 256
+CAPTION_VISION_ACTIVATIONS = {"7b": 87_000_000, "13b": 96_000_000}
+CAPTION_PREFILL_TEMPORARIES = {"7b": 480_000_000, "13b": 720_000_000}
 
 
 class MemoryPlanError(RuntimeError):
@@ -182,10 +189,33 @@ def weight_bytes(config: SUPIRConfig, component: str, dtype: mx.Dtype, quant: Qu
     return parameter_bytes(root)
 
 
-def captioner_bytes(name: str) -> tuple[int, int]:
-    params, act = CAPTIONER[name]
-    per_param = CAPTIONER_BITS / 8 + 2 * 2 / CAPTIONER_GROUP  # packed weight + fp16 scale and bias per group
-    return int(params * per_param), act
+def llava_bytes(cfg, dtype: mx.Dtype, bits: int = CAPTIONER_BITS, group_size: int = CAPTIONER_GROUP) -> tuple[int, int]:
+    """(language model, vision tower + projector) bytes of a LlavaConfig as `load_llava` holds a converted folder:
+    the language model quantized, the rest in `dtype`. Counted on a lazily built model (nothing is allocated)."""
+    import mlx.nn as nn
+
+    from .models.llava import LlavaModel
+    from .weights.quantize import parameter_bytes
+
+    model = LlavaModel(cfg)
+    model.set_dtype(dtype)
+    nn.quantize(model.language_model, group_size, bits)
+    return (parameter_bytes(model.language_model),
+            parameter_bytes(model.vision_tower) + parameter_bytes(model.multi_modal_projector))
+
+
+@functools.lru_cache(maxsize=8)
+def captioner_stage(name: str, dtype: mx.Dtype) -> tuple[int, int]:
+    """(bytes of LLaVA-1.5 `name`'s quantized language model, bytes on top of it at the caption stage's peak)."""
+    from .models.llava import LlavaConfig
+
+    cfg = LlavaConfig.llava_v15(name)
+    lm, vision = llava_bytes(cfg, dtype)
+    t = cfg.text
+    slots = -(-(CAPTION_PROMPT_TOKENS + CAPTION_NEW_TOKENS) // KV_STEP) * KV_STEP
+    kv = 2 * t.num_hidden_layers * slots * t.num_key_value_heads * (t.hidden_size // t.num_attention_heads) * dtype.size
+    s = dtype.size / 4
+    return lm, int(max(vision + CAPTION_VISION_ACTIVATIONS[name] * s, kv + CAPTION_PREFILL_TEMPORARIES[name] * s))
 
 
 def unet_activations(h: int, w: int, batch: int, dtype: mx.Dtype) -> int:
@@ -211,7 +241,7 @@ def estimate(
     """The plan for one output of width x height pixels (multiples of 8) with exactly these settings."""
     if width < 64 or height < 64 or width % 8 or height % 8:
         raise MemoryPlanError(f"output size must be at least 64x64 and a multiple of 8, got {width}x{height}")
-    if captioner is not None and captioner not in CAPTIONER:
+    if captioner is not None and captioner not in CAPTIONERS:
         raise MemoryPlanError(f"unknown captioner '{captioner}' (13b, 7b or none)")
     config = config or SUPIRConfig.sdxl_v0()
     dt = _dtype(dtype)
@@ -231,7 +261,7 @@ def estimate(
     tiles = plan_tiles(config.vae, height, width, max(budget - w_vae, 1), vdt.size)
     stages = []
     if captioner:
-        cap_w, cap_a = captioner_bytes(captioner)
+        cap_w, cap_a = captioner_stage(captioner, dt)
         # staged: the caption's stage-1 image is made first, then even the VAE makes room for LLaVA
         stages.append(Stage(f"caption (LLaVA {captioner})", cap_w + (0 if staged else every), cap_a))
     stages += [

@@ -1,7 +1,8 @@
-"""Which parts of the SUPIR model hold their weights in memory.
+"""Which parts of a model hold their weights in memory.
 
 A staged memory plan keeps only what each stage needs: the VAE for stage 1 and decoding, the text encoders
-for conditioning, the UNet + control encoder for sampling. A released part's parameters become lazy reads
+for conditioning, the UNet + control encoder for sampling; the captioner drops its vision tower once the
+image features exist, before the language model's KV cache grows. A released part's parameters become lazy reads
 of the weight files again (`mx.load` reads nothing until evaluated), so releasing frees the memory at once
 and using the part again reads it back: a few GB per image from the SSD, instead of a plan that cannot fit.
 """
@@ -15,27 +16,29 @@ from typing import Iterable
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-PARTS = {"vae": ("first_stage_model.",), "text": ("conditioner.",), "denoiser": ("model.",)}
+SUPIR_PARTS = {"vae": ("first_stage_model.",), "text": ("conditioner.",), "denoiser": ("model.",)}
 
 
 class Residency:
-    def __init__(self, model, files: Iterable[str | Path]):
+    def __init__(self, model, files: Iterable[str | Path], parts: dict[str, tuple[str, ...]] = SUPIR_PARTS):
         """`files`: safetensors files holding every parameter of `model` by MLX path, in their stored dtype
-        (a converted folder's shards, or a quantized cache entry). The parameters' current dtypes are kept:
-        a part read back is cast exactly as it was when loaded."""
+        (a converted folder's shards, or a quantized cache entry); `parts`: name -> parameter path prefixes.
+        All parts start resident. The parameters' current dtypes are kept: a part read back is cast exactly as
+        it was when loaded."""
         self.model = model
         self.files = [str(f) for f in files]
+        self.parts = parts
         self.dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
-        self.resident = set(PARTS)
+        self.resident = set(parts)
 
     def _keys(self, part: str) -> list[str]:
-        return [k for k in self.dtypes if k.startswith(PARTS[part])]
+        return [k for k in self.dtypes if k.startswith(self.parts[part])]
 
     def use(self, *parts: str) -> None:
         """Make exactly `parts` resident: release the others, read these back if they were released."""
-        unknown = set(parts) - set(PARTS)
+        unknown = set(parts) - set(self.parts)
         if unknown:
-            raise ValueError(f"unknown model parts {sorted(unknown)} (choose from {', '.join(PARTS)})")
+            raise ValueError(f"unknown model parts {sorted(unknown)} (choose from {', '.join(self.parts)})")
         want = set(parts)
         drop = self.resident - want
         if drop:
@@ -57,4 +60,4 @@ class Residency:
         self.resident = want
 
     def use_all(self) -> None:
-        self.use(*PARTS)
+        self.use(*self.parts)
