@@ -159,8 +159,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--cpu-dequant", action=argparse.BooleanOptionalAction, default=mx.default_device() == mx.cpu)
+    ap.add_argument("--dtype", choices=("float16", "float32"),
+                    help="default: as Captioner.load chooses (float16 on a GPU, float32 on CPU)")
     args = ap.parse_args()
-    dtype = mx.float16 if mx.default_device() == mx.gpu else mx.float32  # as Captioner.load chooses
+    gpu = mx.default_device() == mx.gpu
+    dtype = {"float16": mx.float16, "float32": mx.float32}[args.dtype or ("float16" if gpu else "float32")]
     print(f"LLaVA-1.5-{args.size}, {args.bits}-bit LM, {dtype}, device {mx.default_device()}")
     seconds, above = caption_stage(args.size, dtype, tuple(args.layers), args.bits, args.new_tokens, args.cpu_dequant)
     weights, planned = memory.captioner_stage(args.size, dtype)

@@ -3,7 +3,8 @@
 Peak = max over stages of (weights resident in that stage + that stage's activation peak).
 - Weights are counted exactly: each network is built lazily (MLX allocates nothing until evaluation)
   in the run's dtype, quantized by the same `QuantSpec` the weights cache uses, and its arrays'
-  `nbytes` summed. The captioner's count comes from the LLaVA-1.5 shapes (parameters x bytes/param).
+  `nbytes` summed; LLaVA-1.5 likewise, as its converted folder loads (4-bit language model, the rest in the run's
+  dtype), with its KV cache counted by mlx-lm's allocation rule.
 - The tiled VAE's stages come from `pipeline.tiled_vae.plan_tiles`, which also picks the VAE tiles for
   the memory left by the weights (its estimates agree within 5% with the tiled peaks measured by the
   bench: encoder 768/1024 px, decoder 768 px).
@@ -16,10 +17,10 @@ recommended working set (Metal's, about 2/3 of RAM; 2/3 of RAM elsewhere). That 
 8 GB on a 16 GB Mac, 5 GB on an 8 GB one, leaving the rest to macOS and the user's other applications.
 
 Residency: with everything resident the weights of all three SUPIR parts stay in memory for every stage
-(fastest: nothing is read twice). A staged plan keeps only what a stage needs (caption: VAE + LLaVA; text
-encoders: VAE + text; diffusion: VAE + UNet/control; decode: VAE; caption: LLaVA alone, after its stage-1
-image is made) and reads the rest back from the weight
-files when needed, at the cost of re-reading a few GB per image.
+(fastest: nothing is read twice). A staged plan keeps only what a stage needs (caption: LLaVA alone, after
+its stage-1 image is made; text encoders: VAE + text; diffusion: VAE + UNet/control; stage 1, encode and
+decode: VAE) and reads the rest back from the weight files when needed, at the cost of re-reading a few GB
+per image. LLaVA itself always drops its vision tower before generating (see `captioner_stage`).
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ TEXT_ACTIVATIONS = int(0.1 * GB)
 # LLaVA-1.5 caption stage (captioner.Captioner.generate_ids): the quantized language model stays resident; on
 # top of it first the vision tower + projector (kept in the run's dtype) and their activations, then, with the
 # tower released, the KV cache for the prompt and 512 new tokens (mlx-lm's KVCache grows in steps of 256
-# positions) and the prefill's temporaries. The two activation constants are fp32 peaks measured by
-# bench/bench_captioner.py with full-width random 4-bit models (7B: 1, 2 and 4 layers, 0.469/0.480/0.479 GB of
-# prefill temporaries: they do not grow with the depth; 13B: 1 and 2 layers). Its CPU prefill holds one dequantized
-# fp32 matrix at a time, so on Metal the second is an upper bound; fp16 halves them, like every activation here.
+# positions) and the prefill's temporaries. The two activation constants are peaks measured by
+# bench/bench_captioner.py with full-width random 4-bit models: vision 87 MB fp32 / 56 MB fp16; prefill
+# temporaries 7B fp32 0.469/0.480/0.479 GB at 1/2/4 layers (they do not grow with the depth), fp16 0.517 GB
+# (MLX's CPU fp16 matmul works through fp32 copies), 13B fp32 0.72 GB at 1 and 2 layers, its fp16 figure taken
+# in the 7B ratio. The CPU prefill also holds one dequantized matrix at a time, so on Metal these are upper
+# bounds; they are used for every dtype, unscaled.
 CAPTIONERS = ("13b", "7b")
 CAPTIONER_BITS = 4  # the captioner is converted to 4-bit MLX once
 CAPTIONER_GROUP = 64
@@ -73,7 +76,7 @@ CAPTION_PROMPT_TOKENS = 630  # SUPIR's request: 36 tokens, 576 image features, 1
 CAPTION_NEW_TOKENS = 512  # captioner.MAX_NEW_TOKENS
 KV_STEP = 256
 CAPTION_VISION_ACTIVATIONS = {"7b": 87_000_000, "13b": 96_000_000}
-CAPTION_PREFILL_TEMPORARIES = {"7b": 480_000_000, "13b": 720_000_000}
+CAPTION_PREFILL_TEMPORARIES = {"7b": 520_000_000, "13b": 780_000_000}
 
 
 class MemoryPlanError(RuntimeError):
@@ -214,8 +217,7 @@ def captioner_stage(name: str, dtype: mx.Dtype) -> tuple[int, int]:
     t = cfg.text
     slots = -(-(CAPTION_PROMPT_TOKENS + CAPTION_NEW_TOKENS) // KV_STEP) * KV_STEP
     kv = 2 * t.num_hidden_layers * slots * t.num_key_value_heads * (t.hidden_size // t.num_attention_heads) * dtype.size
-    s = dtype.size / 4
-    return lm, int(max(vision + CAPTION_VISION_ACTIVATIONS[name] * s, kv + CAPTION_PREFILL_TEMPORARIES[name] * s))
+    return lm, max(vision + CAPTION_VISION_ACTIVATIONS[name], kv + CAPTION_PREFILL_TEMPORARIES[name])
 
 
 def unet_activations(h: int, w: int, batch: int, dtype: mx.Dtype) -> int:
