@@ -65,7 +65,7 @@ TEXT_ACTIVATIONS = int(0.1 * GB)
 # tower released, the KV cache for the prompt and 512 new tokens (mlx-lm's KVCache grows in steps of 256
 # positions) and the prefill's temporaries. The two activation constants are peaks measured by
 # bench/bench_captioner.py with full-width random 4-bit models: vision 87 MB fp32 / 56 MB fp16; prefill
-# temporaries 7B fp32 0.469/0.480/0.479 GB at 1/2/4 layers (they do not grow with the depth), fp16 0.517 GB
+# temporaries 7B fp32 0.469/0.480/0.479 GB at 1/2/4 layers (they do not grow with the depth), fp16 0.517/0.523 GB
 # (MLX's CPU fp16 matmul works through fp32 copies), 13B fp32 0.72 GB at 1 and 2 layers, its fp16 figure taken
 # in the 7B ratio. The CPU prefill also holds one dequantized matrix at a time, so on Metal these are upper
 # bounds; they are used for every dtype, unscaled.
@@ -76,7 +76,7 @@ CAPTION_PROMPT_TOKENS = 630  # SUPIR's request: 36 tokens, 576 image features, 1
 CAPTION_NEW_TOKENS = 512  # captioner.MAX_NEW_TOKENS
 KV_STEP = 256
 CAPTION_VISION_ACTIVATIONS = {"7b": 87_000_000, "13b": 96_000_000}
-CAPTION_PREFILL_TEMPORARIES = {"7b": 520_000_000, "13b": 780_000_000}
+CAPTION_PREFILL_TEMPORARIES = {"7b": 525_000_000, "13b": 790_000_000}
 
 
 class MemoryPlanError(RuntimeError):
