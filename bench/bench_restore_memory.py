@@ -164,12 +164,12 @@ def run_case(cfg: SUPIRConfig, in_px: int, out_px: int, steps: int, dtype: mx.Dt
               f"{s.total / GB:8.2f} {s.total / (s.weights + act) - 1:+7.1%}{'  ' + note if note else ''}", flush=True)
 
     if "caption" in stages and plan.captioner:
-        from bench_captioner import caption_stage  # noqa: PLC0415 (bench/ is on sys.path when run as a script)
+        from bench_captioner import caption_stage  # bench/ is on sys.path when run as a script
 
         seconds, act = caption_stage(plan.captioner, dtype, caption_layers)
         row(f"caption (LLaVA {plan.captioner})", seconds, act, f"layers {caption_layers} measured, extrapolated")
     if "text" in stages:
-        from supir_mlx.models.conditioner import Conditioner  # noqa: PLC0415
+        from supir_mlx.models.conditioner import Conditioner
 
         cond = Conditioner(cfg)
         cond.set_dtype(dtype)  # the planner counts the text encoders unquantized unless the spec covers them
@@ -205,11 +205,15 @@ def run_case(cfg: SUPIRConfig, in_px: int, out_px: int, steps: int, dtype: mx.Dt
         mx.eval(z, x, cond.crossattn, cond.vector)
         total, peak = 0.0, 0
         ran = windows[: max_tiles or len(windows)]
+        def tile_call(h0: int, h1: int, w0: int, w1: int) -> mx.array:
+            def crop(c: Cond) -> Cond:
+                return Cond(c.crossattn, c.vector, c.control[:, h0:h1, w0:w1])
+
+            return denoise(den, x[:, h0:h1, w0:w1], 5.0, crop(cond), crop(uncond), 1.0, batched=batched)
+
         for _ in range(steps):
-            for (h0, h1, w0, w1) in ran:
-                crop = lambda c: Cond(c.crossattn, c.vector, c.control[:, h0:h1, w0:w1])  # noqa: E731
-                dt, p, _ = measure(lambda: denoise(den, x[:, h0:h1, w0:w1], 5.0, crop(cond), crop(uncond), 1.0,
-                                                   batched=batched))
+            for window in ran:
+                dt, p, _ = measure(tile_call, *window)
                 total, peak = total + dt, max(peak, p)
         total *= len(windows) / len(ran)
         note = ""
@@ -219,7 +223,9 @@ def run_case(cfg: SUPIRConfig, in_px: int, out_px: int, steps: int, dtype: mx.Dt
             # the same reduced-depth denoiser quantized as planned minus unquantized (the feature maps cancel).
             small = mx.random.normal((1, 16, 16, 4)).astype(dtype)
             sc = Cond(cond.crossattn, cond.vector, small)
-            call = lambda m: measure(lambda: denoise(m, small, 5.0, sc, sc, 1.0, batched=False))  # noqa: E731
+            def call(m: Denoiser) -> tuple[float, int, mx.array]:
+                return measure(lambda: denoise(m, small, 5.0, sc, sc, 1.0, batched=False))
+
             _, plain, _ = call(den)
             del den
             mx.clear_cache()

@@ -177,8 +177,15 @@ def test_caption_releases_the_vision_tower_before_generating(converted, photo):
 
 
 def test_planner_counts_the_captioner_as_loaded(converted):
-    """memory.llava_bytes (what the planner counts for LLaVA-1.5) equals the bytes a loaded converted folder holds."""
+    """memory.llava_bytes (what the planner counts for LLaVA-1.5) equals the bytes a loaded converted folder holds,
+    and the planner's KV-cache rule uses the captioner's token limit and mlx-lm's growth step."""
+    from mlx_lm.models.cache import KVCache
+
+    from supir_mlx import memory
+    from supir_mlx.captioner import MAX_NEW_TOKENS
     from supir_mlx.memory import llava_bytes
+
+    assert memory.CAPTION_NEW_TOKENS == MAX_NEW_TOKENS and memory.KV_STEP == KVCache.step
 
     for dtype in (mx.float16, mx.float32):
         with Captioner.load(converted, dtype=dtype) as cap:
