@@ -6,8 +6,8 @@ Peak = max over stages of (weights resident in that stage + that stage's activat
   `nbytes` summed; LLaVA-1.5 likewise, as its converted folder loads (4-bit language model, the rest in the run's
   dtype), with its KV cache counted by mlx-lm's allocation rule.
 - The tiled VAE's stages come from `pipeline.tiled_vae.plan_tiles`, which also picks the VAE tiles for
-  the memory left by the weights (its estimates agree within 5% with the tiled peaks measured by the
-  bench: encoder 768/1024 px, decoder 768 px).
+  the memory left by the weights (its estimates are within -4%..+9% of every tiled pass the benchmarks
+  measured: encoder 768/1024/2048 px, decoder 768/1024/2048 px, in RAM and spilled; bench/README.md).
 - The other activations follow formulas fitted to peaks measured with `bench/bench_restore_memory.py --calibrate`
   (full-size random-weight networks, MLX CPU backend, fp32 activations; fp16/bf16 activations are
   taken as half of those, an assumption not measured). See each formula's comment.
