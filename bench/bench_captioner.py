@@ -35,7 +35,6 @@ from supir_mlx.captioner import MAX_NEW_TOKENS, TEMPERATURE, TOP_P, Captioner, g
 from supir_mlx.models.llava import LLAVA_V15_SIZES, LlavaConfig, LlavaModel, load_llava
 
 GB = 1e9
-KV_STEP = 256  # mlx-lm KVCache grows its buffers in steps of this many positions
 PROMPT_BEFORE = 36  # tokens before the image in SUPIR's request (LLaMA tokenizer); the rest come after it
 PROMPT_AFTER = memory.CAPTION_PROMPT_TOKENS - PROMPT_BEFORE - 576
 
@@ -65,12 +64,6 @@ def dequantizing_prefill() -> None:
         return y + self.bias if "bias" in self else y
 
     nn.QuantizedLinear.__call__ = call
-
-
-def kv_bytes(cfg: LlavaConfig, positions: int, dtype: mx.Dtype) -> int:
-    slots = -(-positions // KV_STEP) * KV_STEP
-    t = cfg.text
-    return 2 * t.num_hidden_layers * slots * t.num_key_value_heads * (t.head_dim or t.hidden_size // t.num_attention_heads) * dtype.size
 
 
 def save(model: LlavaModel, cfg: LlavaConfig, bits: int, folder: Path) -> list[Path]:
@@ -119,7 +112,7 @@ def run(size: str, bits: int, layers: int, new_tokens: int, dtype: mx.Dtype) -> 
         out["generate_s"] = time.perf_counter() - t
         out["tokens"] = len(tokens)
         out["language_phase_gb"] = (mx.get_peak_memory() - lm) / GB
-        out["kv_gb"] = kv_bytes(cfg, memory.CAPTION_PROMPT_TOKENS + new_tokens, dtype) / GB
+        out["kv_gb"] = memory.kv_cache_bytes(cfg.text, memory.CAPTION_PROMPT_TOKENS + new_tokens, dtype) / GB
         del model, cap, emb
     gc.collect()
     mx.clear_cache()
@@ -146,7 +139,7 @@ def caption_stage(size: str, dtype: mx.Dtype, layers: tuple[int, ...] = (1, 2), 
               f"language phase {r['language_phase_gb']:.3f} GB (KV {r['kv_gb']:.3f} GB) | left after close "
               f"{r['after_close_gb']:.3f} GB | vision {r['vision_s']:.1f} s, {r['tokens']} tokens in "
               f"{r['generate_s']:.1f} s", flush=True)
-    kv = kv_bytes(full, memory.CAPTION_PROMPT_TOKENS + MAX_NEW_TOKENS, dtype) / GB
+    kv = memory.kv_cache_bytes(full.text, memory.CAPTION_PROMPT_TOKENS + MAX_NEW_TOKENS, dtype) / GB
     print(f"  at {full.text.num_hidden_layers} layers and {MAX_NEW_TOKENS} new tokens: KV {kv:.2f} GB + prefill "
           f"temporaries {transient:.2f} GB, vision phase {vision:.2f} GB", flush=True)
     return seconds, int(max(vision, kv + transient) * GB)

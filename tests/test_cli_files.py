@@ -22,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageCms, ImageFile, IptcImagePlugin
 
+from icc import swapped_primaries_profile
 from supir_mlx.cli import main
 from supir_mlx.io import images as images_mod
 from supir_mlx.pipeline.restore import Restorer
@@ -120,17 +121,6 @@ def jpeg_claiming(w, h):
     sof = data.index(b"\xff\xc0")
     struct.pack_into(">HH", data, sof + 5, h, w)
     return bytes(data)
-
-
-def swapped_primaries_profile():
-    """sRGB with the red and green colorants exchanged: a valid RGB profile that is clearly not sRGB."""
-    icc = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
-    count = struct.unpack_from(">I", icc, 128)[0]
-    entries = {bytes(icc[132 + 12 * i: 136 + 12 * i]): 132 + 12 * i for i in range(count)}
-    r, g = entries[b"rXYZ"], entries[b"gXYZ"]
-    icc[r + 4: r + 12], icc[g + 4: g + 12] = icc[g + 4: g + 12], icc[r + 4: r + 12]
-    icc[12:16] = b"mntr"
-    return bytes(icc)
 
 
 def png_bit_depth(path):

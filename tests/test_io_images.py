@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
+from icc import swapped_primaries_profile
 from supir_mlx.io import images
 from supir_mlx.io.images import ImageError, load_image, save_image
 from supir_mlx.io.metadata import make_provenance, read_provenance, settings_from_file
@@ -116,18 +117,8 @@ def test_exif_orientation_applied_and_reset_on_output(tmp_path):
         assert e.get_ifd(0x8769)[0xA002] == 24
 
 
-def _swapped_primaries_profile():
-    """sRGB with its red and green colorants exchanged: a valid RGB profile that is clearly not sRGB."""
-    icc = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
-    count = struct.unpack_from(">I", icc, 128)[0]
-    entries = {bytes(icc[132 + 12 * i: 136 + 12 * i]): 132 + 12 * i for i in range(count)}
-    r, g = entries[b"rXYZ"], entries[b"gXYZ"]
-    icc[r + 4: r + 12], icc[g + 4: g + 12] = icc[g + 4: g + 12], icc[r + 4: r + 12]
-    return bytes(icc)
-
-
 def test_icc_profile_converted_to_srgb(tmp_path):
-    profile = _swapped_primaries_profile()
+    profile = swapped_primaries_profile()
     path = tmp_path / "icc.png"
     Image.fromarray(PX).save(path, icc_profile=profile)
     img = load_image(path)

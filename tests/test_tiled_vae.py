@@ -36,20 +36,21 @@ def fixture(reference_dir):
     return Fixture(reference_dir, reference_dir / "tilevae" / "tilevae.safetensors")
 
 
-@pytest.fixture(scope="module")
-def small():
-    mx.random.seed(0)
-    vae = AutoencoderKL(SMALL)
+def _random_vae(cfg: VAEConfig, seed: int) -> AutoencoderKL:
+    mx.random.seed(seed)
+    vae = AutoencoderKL(cfg)
     mx.eval(vae.parameters())
     return vae
+
+
+@pytest.fixture(scope="module")
+def small():
+    return _random_vae(SMALL, 0)
 
 
 @pytest.fixture(scope="module")
 def wide():
-    mx.random.seed(1)
-    vae = AutoencoderKL(WIDE)
-    mx.eval(vae.parameters())
-    return vae
+    return _random_vae(WIDE, 1)
 
 
 def test_tile_boxes_match_official(fixture):

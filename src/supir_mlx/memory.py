@@ -207,6 +207,13 @@ def llava_bytes(cfg, dtype: mx.Dtype, bits: int = CAPTIONER_BITS, group_size: in
             parameter_bytes(model.vision_tower) + parameter_bytes(model.multi_modal_projector))
 
 
+def kv_cache_bytes(text, positions: int, dtype: mx.Dtype) -> int:
+    """Bytes of mlx-lm's KV cache for a Llama `ModelArgs` after `positions` tokens (buffers grow by KV_STEP)."""
+    slots = -(-positions // KV_STEP) * KV_STEP
+    head_dim = text.head_dim or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * slots * text.num_key_value_heads * head_dim * dtype.size
+
+
 @functools.lru_cache(maxsize=8)
 def captioner_stage(name: str, dtype: mx.Dtype) -> tuple[int, int]:
     """(bytes of LLaVA-1.5 `name`'s quantized language model, bytes on top of it at the caption stage's peak)."""
@@ -214,9 +221,7 @@ def captioner_stage(name: str, dtype: mx.Dtype) -> tuple[int, int]:
 
     cfg = LlavaConfig.llava_v15(name)
     lm, vision = llava_bytes(cfg, dtype)
-    t = cfg.text
-    slots = -(-(CAPTION_PROMPT_TOKENS + CAPTION_NEW_TOKENS) // KV_STEP) * KV_STEP
-    kv = 2 * t.num_hidden_layers * slots * t.num_key_value_heads * (t.hidden_size // t.num_attention_heads) * dtype.size
+    kv = kv_cache_bytes(cfg.text, CAPTION_PROMPT_TOKENS + CAPTION_NEW_TOKENS, dtype)
     return lm, max(vision + CAPTION_VISION_ACTIVATIONS[name], kv + CAPTION_PREFILL_TEMPORARIES[name])
 
 
