@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import attention, group_norm
+from .layers import Conv2d, attention, group_norm
 
 
 def blend(x: mx.array, x_raw: mx.array, control_scale: float | mx.array) -> mx.array:
@@ -59,9 +59,9 @@ class ZeroSFT(nn.Module):
         super().__init__()
         out = norm_nc + concat_channels
         self.param_free_norm = group_norm(out, eps)
-        self.mlp_shared = [nn.Conv2d(label_nc, hidden, 3, padding=1), nn.SiLU()]
-        self.zero_mul = nn.Conv2d(hidden, out, 3, padding=1)
-        self.zero_add = nn.Conv2d(hidden, out, 3, padding=1)
+        self.mlp_shared = [Conv2d(label_nc, hidden, 3, padding=1), nn.SiLU()]
+        self.zero_mul = Conv2d(hidden, out, 3, padding=1)
+        self.zero_add = Conv2d(hidden, out, 3, padding=1)
         self.zero_conv = nn.Linear(label_nc, norm_nc)  # official 1x1 conv
 
     def __call__(

@@ -14,37 +14,35 @@ import mlx.nn as nn
 
 from ..config import ConfigError, ProjectConfig, UNetConfig
 from .adapters import CrossAttention, ZeroCrossAttn, ZeroSFT
-from .layers import Upsample, group_norm, timestep_embedding
+from .layers import Conv2d, Upsample, gated_gelu, group_norm, timestep_embedding
 
 
 class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, eps: float):
         super().__init__()
-        self.in_layers = [group_norm(channels, eps), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)]
+        self.in_layers = [group_norm(channels, eps), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)]
         self.emb_layers = [nn.SiLU(), nn.Linear(emb_channels, out_channels)]
         self.out_layers = [
             group_norm(out_channels, eps),
             nn.SiLU(),
             nn.Identity(),  # Dropout
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            Conv2d(out_channels, out_channels, 3, padding=1),
         ]
         if channels != out_channels:
             self.skip_connection = nn.Linear(channels, out_channels)  # official 1x1 conv
 
     def __call__(self, x: mx.array, emb: mx.array) -> mx.array:
-        h = x
-        for layer in self.in_layers:
-            h = layer(h)
+        # in_layers / out_layers: GroupNorm, SiLU, [Dropout,] conv; the norm applies the SiLU in its own pass
+        h = self.in_layers[2](self.in_layers[0](x, silu=True))
         h = h + self.emb_layers[1](self.emb_layers[0](emb))[:, None, None, :]
-        for layer in self.out_layers:
-            h = layer(h)
+        h = self.out_layers[3](self.out_layers[0](h, silu=True))
         return (self.skip_connection(x) if "skip_connection" in self else x) + h
 
 
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.op(x)
@@ -57,7 +55,7 @@ class GEGLU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         a, gate = mx.split(self.proj(x), 2, axis=-1)
-        return a * nn.gelu(gate)
+        return gated_gelu(a, gate)
 
 
 class FeedForward(nn.Module):
@@ -131,7 +129,7 @@ class SDXLEncoder(nn.Module):
         mc, ted, eps = cfg.model_channels, cfg.time_embed_dim, cfg.groupnorm_eps
         self.time_embed = [nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted)]
         self.label_emb = [[nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted)]]
-        self.input_blocks = [[nn.Conv2d(cfg.in_channels, mc, 3, padding=1)]]
+        self.input_blocks = [[Conv2d(cfg.in_channels, mc, 3, padding=1)]]
         # channels of every input-block output, consumed (reversed) by the decoder's skip connections
         self.skip_channels = [mc]
         ch, ds = mc, 1
@@ -192,7 +190,7 @@ class GLVControl(SDXLEncoder):
 
     def __init__(self, cfg: UNetConfig):
         super().__init__(cfg)
-        self.input_hint_block = [nn.Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1)]
+        self.input_hint_block = [Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1)]
 
     def __call__(
         self, x: mx.array, timesteps: mx.array, xt: mx.array, context: mx.array, y: mx.array
@@ -241,7 +239,7 @@ class LightGLVUNet(SDXLEncoder):
                 if level and i == unet.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(layers)
-        self.out = [group_norm(ch, eps), nn.SiLU(), nn.Conv2d(ch, unet.out_channels, 3, padding=1)]
+        self.out = [group_norm(ch, eps), nn.SiLU(), Conv2d(ch, unet.out_channels, 3, padding=1)]
 
         # official order: one ZeroSFT per control feature, then ZeroCrossAttns inserted (at 6, then at 3)
         self.project_modules = [
@@ -287,6 +285,4 @@ class LightGLVUNet(SDXLEncoder):
                 h = block[-1](next(adapters)(c, h, control_scale=control_scale))
             else:
                 h = run_block(block, h, emb, context)
-        for layer in self.out:
-            h = layer(h)
-        return h
+        return self.out[2](self.out[0](h, silu=True))  # GroupNorm + SiLU, conv

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import VAEConfig
-from .layers import Upsample, attention, group_norm
+from .layers import Conv2d, Upsample, attention, group_norm
 
 LOGVAR_RANGE = (-30.0, 20.0)  # DiagonalGaussianDistribution clamps logvar before exp
 
@@ -21,9 +21,9 @@ class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int, eps: float):
         super().__init__()
         self.norm1 = group_norm(cin, eps)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
         self.norm2 = group_norm(cout, eps)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
         if cin != cout:
             self.nin_shortcut = nn.Linear(cin, cout)
 
@@ -31,8 +31,8 @@ class ResnetBlock(nn.Module):
         return self.nin_shortcut(x) if "nin_shortcut" in self else x
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True))
         return self.shortcut(x) + h
 
 
@@ -61,7 +61,7 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = Conv2d(channels, channels, 3, stride=2)
 
     def __call__(self, x: mx.array) -> mx.array:
         # the official pads right and bottom only, then a stride-2 valid convolution
@@ -102,7 +102,7 @@ class Encoder(nn.Module):
         super().__init__()
         _check(cfg)
         eps, ch = cfg.groupnorm_eps, cfg.ch
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch, 3, padding=1)
         mults = (1,) + tuple(cfg.ch_mult)
         self.down = []
         for i, mult in enumerate(cfg.ch_mult):
@@ -113,7 +113,7 @@ class Encoder(nn.Module):
         top = ch * cfg.ch_mult[-1]
         self.mid = Mid(top, eps)
         self.norm_out = group_norm(top, eps)
-        self.conv_out = nn.Conv2d(top, 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(top, 2 * cfg.z_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.conv_in(x)
@@ -123,7 +123,7 @@ class Encoder(nn.Module):
             if "downsample" in level:
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(nn.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h, silu=True))
 
 
 class Decoder(nn.Module):
@@ -132,7 +132,7 @@ class Decoder(nn.Module):
         _check(cfg)
         eps, ch = cfg.groupnorm_eps, cfg.ch
         top = ch * cfg.ch_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, top, 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, top, 3, padding=1)
         self.mid = Mid(top, eps)
         # `up[i]` is resolution i (0 = full size); it is built and run from the lowest resolution up.
         up: list[Level] = [None] * len(cfg.ch_mult)  # type: ignore[list-item]
@@ -144,7 +144,7 @@ class Decoder(nn.Module):
             cin = cout
         self.up = up
         self.norm_out = group_norm(cin, eps)
-        self.conv_out = nn.Conv2d(cin, cfg.out_ch, 3, padding=1)
+        self.conv_out = Conv2d(cin, cfg.out_ch, 3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
         h = self.mid(self.conv_in(z))
@@ -153,7 +153,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if "upsample" in level:
                 h = level.upsample(h)
-        return self.conv_out(nn.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h, silu=True))
 
 
 class AutoencoderKL(nn.Module):

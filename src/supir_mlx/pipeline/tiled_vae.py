@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..models.layers import GroupNorm
 from ..models.vae import AutoencoderKL, Decoder, Encoder, ResnetBlock
 
 ENCODER_PAD = 32  # image pixels
@@ -92,7 +93,7 @@ def needs_tiling(height: int, width: int, tile_size: int, is_decoder: bool) -> b
 
 # One step of the flat network: ("apply", f) h = f(h); ("res", f) residual = f(h); ("add", None)
 # h = h + residual; ("norm", gn) the GroupNorm barrier.
-Op = tuple[str, Callable | nn.GroupNorm | None]
+Op = tuple[str, Callable | GroupNorm | None]
 
 
 def _resblock_ops(block: ResnetBlock) -> list[Op]:
@@ -140,13 +141,6 @@ def _group_stats(h: mx.array) -> tuple[mx.array, mx.array]:
     return mean, var
 
 
-def _shared_norm(h: mx.array, norm: nn.GroupNorm, mean: mx.array, var: mx.array) -> mx.array:
-    b, hh, ww, c = h.shape
-    g = h.astype(mx.float32).reshape(b, hh, ww, GROUPS, c // GROUPS)
-    g = (g - mean[:, None, None, :, None]) * mx.rsqrt(var[:, None, None, :, None] + norm.eps)
-    return (g.reshape(b, hh, ww, c) * norm.weight + norm.bias).astype(h.dtype)
-
-
 def _segments(ops: list[Op]) -> list[list[Op]]:
     """Cut the op list before every norm, the barriers: each segment after the first starts with its norm.
 
@@ -174,7 +168,7 @@ def _pending_residuals(segments: list[list[Op]]) -> list[bool]:
 def _run(segment: list[Op], h: mx.array, res: mx.array | None, stats) -> tuple[mx.array, mx.array | None]:
     for kind, f in segment:
         if kind == "norm":
-            h = _shared_norm(h, f, *stats)  # type: ignore[arg-type]
+            h = f.normalize(h, *stats)  # type: ignore[union-attr]
         elif kind == "res":
             res = f(h)  # type: ignore[operator]
         elif kind == "add":

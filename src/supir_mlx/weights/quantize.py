@@ -18,6 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from ..models.layers import conv2d
+
 # Module paths (SUPIRModel layout) quantized by default: the UNet with its connectors and the control encoder.
 DEFAULT_SCOPE = ("model.diffusion_model.", "model.control_model.")
 TEXT_SCOPE = ("conditioner.",)
@@ -66,8 +68,7 @@ class QuantizedConv2d(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         w = mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
-        y = mx.conv2d(x, w.reshape(self.shape).astype(x.dtype), stride=self.stride, padding=self.padding)
-        return y + self.bias if "bias" in self else y
+        return conv2d(x, w.reshape(self.shape).astype(x.dtype), self.get("bias"), self.stride, self.padding)
 
 
 def _quantizable(module: nn.Module, spec: QuantSpec) -> bool:
