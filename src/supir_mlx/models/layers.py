@@ -32,10 +32,12 @@ def attention(
     v = v.reshape(b, nk, heads, dv).transpose(0, 2, 1, 3)
     chunk = max(1, MAX_SCORE_ELEMENTS // (heads * nk))
 
+    sdpa = _sdpa_cpu if _cpu() and q.dtype == mx.float32 else mx.fast.scaled_dot_product_attention
+
     def part(i: int, j: int) -> mx.array:
         # An explicit mask: MLX's mask="causal" aligns the last query with the last key, wrong for a chunk.
         mask = mx.arange(i, j)[:, None] >= mx.arange(nk)[None] if causal else None
-        return mx.fast.scaled_dot_product_attention(q[:, :, i:j], k, v, scale=scale, mask=mask)
+        return sdpa(q[:, :, i:j], k, v, scale=scale, mask=mask)
 
     if nq <= chunk:
         out = part(0, nq)
@@ -120,8 +122,30 @@ def gated_gelu(a: mx.array, gate: mx.array) -> mx.array:
 
 
 @mx.compile
-def _centered_square(g: mx.array, mean: mx.array) -> mx.array:
-    return mx.square(g - mean)
+def _centered_square(x: mx.array, mean: mx.array) -> mx.array:
+    return mx.square(x.astype(mx.float32) - mean)
+
+
+# Pixels per piece of the GroupNorm statistics: their float32 temporaries stay this small (x channels) instead of
+# one or two full-size float32 copies of the activations (1 GB each for a 1024 px, 128-channel VAE state).
+STAT_PIXELS = 1 << 15
+
+
+def _pixel_mean(x: mx.array, fn=None) -> mx.array:
+    """Mean of fn(x) (element-wise; default: x) in float32 over all pixels of [B, H, ..., C]: [B, C].
+
+    A band of rows at a time, each flattened to [B, pixels, C] (free for a contiguous x, a band-sized copy for a
+    strided view such as a CPU convolution's output) and summed per channel.
+    """
+    b, rows, c = x.shape[0], x.shape[1], x.shape[-1]
+    row_pixels = math.prod(x.shape[2:-1])
+    step = max(1, STAT_PIXELS // row_pixels)
+    total = None
+    for i in range(0, rows, step):
+        piece = x[:, i : i + step].reshape(b, -1, c)
+        part = mx.sum(fn(piece) if fn else piece.astype(mx.float32), axis=1)
+        total = part if total is None else total + part
+    return total / (rows * row_pixels)
 
 
 class GroupNorm(nn.Module):
@@ -142,18 +166,18 @@ class GroupNorm(nn.Module):
         self.bias = mx.zeros((channels,))
 
     def statistics(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """Per (sample, group) mean and biased variance [B, groups], float32.
+        """Per (sample, group) mean and biased variance [B, groups], float32, two-pass like PyTorch's.
 
-        Reduced over the pixels first (one column reduction per channel), then over the channels of each group:
-        MLX reduces a [B, pixels, C] array along the pixels ~15x faster than over two strided axes at once.
+        Reduced over the pixels first (column sums per channel, a piece of pixels at a time), then over the
+        channels of each group: MLX reduces a [B, pixels, C] array along the pixels ~15x faster than over
+        two strided axes at once, and the pieces keep the float32 temporaries small.
         """
         b, c = x.shape[0], x.shape[-1]
-        g = x.reshape(b, -1, c).astype(mx.float32)
         per = c // self.groups
-        mean = mx.mean(mx.mean(g, axis=1).reshape(b, self.groups, per), axis=-1)  # [B, G]
-        centered = _centered_square(g, mx.repeat(mean, per, axis=1)[:, None, :])
-        var = mx.mean(mx.mean(centered, axis=1).reshape(b, self.groups, per), axis=-1)
-        return mean, var
+        mean = mx.mean(_pixel_mean(x).reshape(b, self.groups, per), axis=-1)  # [B, G]
+        mean_c = mx.repeat(mean, per, axis=1)[:, None, :]
+        var = _pixel_mean(x, lambda piece: _centered_square(piece, mean_c))
+        return mean, mx.mean(var.reshape(b, self.groups, per), axis=-1)
 
     def normalize(self, x: mx.array, mean: mx.array, var: mx.array, silu: bool = False) -> mx.array:
         """Apply the norm with given group statistics (the tiled VAE shares them across tiles)."""
@@ -168,6 +192,23 @@ class GroupNorm(nn.Module):
 
     def __call__(self, x: mx.array, silu: bool = False) -> mx.array:
         return self.normalize(x, *self.statistics(x), silu=silu)
+
+
+@mx.compile
+def _softmax_numerator(scores: mx.array, row_max: mx.array) -> mx.array:
+    return _exp_nonpositive(scores - row_max)
+
+
+def _sdpa_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
+    """softmax(q k^T scale) v for [B, heads, N, D] float32 on the CPU backend, where MLX's fused attention falls
+    back to a softmax built on its scalar exp: the score matrix (646 M elements per full-size denoiser call)
+    goes through the polynomial exp instead, and the normalisation is applied to the output (D values per
+    query) rather than to the scores (N values per query)."""
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    if mask is not None:
+        scores = mx.where(mask, scores, -mx.inf)
+    e = _softmax_numerator(scores, mx.max(scores, axis=-1, keepdims=True))
+    return (e @ v) / mx.sum(e, axis=-1, keepdims=True)
 
 
 def group_norm(channels: int, eps: float, groups: int = 32) -> GroupNorm:
@@ -192,30 +233,34 @@ def _cpu() -> bool:
 def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride=(1, 1), padding=(1, 1)) -> mx.array:
     """`mx.conv2d` plus bias, NHWC, weight [out, kh, kw, in].
 
-    On the CPU backend a 3x3, stride-1, padding-1 convolution (nearly every convolution here) runs as three
-    matrix products instead: the padded input is unfolded along rows only, the three horizontal taps side by
-    side ([B, H+2, W, 3 C]), and output row band dy is that array's rows dy..dy+H times the weight's row dy
-    ([3 C, out], a transposed view, no copy). MLX's CPU convolution unfolds all nine taps (9x the input, written
-    by one thread) before its matrix product; here the unfold is 3x and the products accumulate in place
-    (addmm): a 256x256x128 convolution took 190 ms instead of 312 ms and 129 MB instead of 353 MB above its
-    input on the 2-core CI machine. GPU backends convolve without an unfold buffer and keep `mx.conv2d`.
+    On the CPU backend a 3x3, stride-1, padding-1 convolution (nearly every convolution here) runs as nine
+    matrix products over shifted views instead, with no unfold buffer at all. With the input zero-padded and
+    flattened to [B, (H+3)(W+2), C], the input pixels of tap (dy, dx) for every output pixel of the padded
+    width are one contiguous slice starting at dy(W+2)+dx; the nine products accumulate in place (addmm) and
+    the two junk columns per row are sliced off. MLX's CPU convolution first unfolds all nine taps (9x the
+    input, written by one thread). On the 2-core CI machine, fp32: 256x256x128 -> 128 took 182 ms instead of
+    402 ms and 65 MB instead of 353 MB above its input; 512x512x128 755 ms / 258 MB instead of 1853 ms / 1409 MB;
+    64x64x320 batch 2 81 ms instead of 161 ms. GPU backends convolve without an unfold buffer and keep
+    `mx.conv2d`.
     """
     out_ch, kh, kw, cin = weight.shape
     if not (_cpu() and (kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)):
         y = mx.conv2d(x, weight, stride=stride, padding=padding)
         return y if bias is None else y + bias
     b, h, w, c = x.shape
-    xp = mx.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
-    rows = mx.concatenate([xp[:, :, dx : dx + w] for dx in range(3)], axis=-1)  # [B, H+2, W, 3C]
+    wp = w + 2
+    # one extra zero row at the bottom: the last taps of the last row's junk columns read past H+2 rows
+    flat = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(b, (h + 3) * wp, c)
     out = None
     for dy in range(3):
-        a = rows[:, dy : dy + h].reshape(b, h * w, 3 * c)
-        wt = weight[:, dy].reshape(out_ch, 3 * c).T  # [(dx, c), out], matching the unfold's channel order
-        if out is None:
-            out = a @ wt if bias is None else mx.addmm(bias, a, wt)
-        else:
-            out = mx.addmm(out, a, wt)
-    return out.reshape(b, h, w, out_ch)
+        for dx in range(3):
+            start = dy * wp + dx
+            a, wt = flat[:, start : start + h * wp], weight[:, dy, dx].T
+            if out is None:
+                out = a @ wt if bias is None else mx.addmm(bias, a, wt)
+            else:
+                out = mx.addmm(out, a, wt)
+    return out.reshape(b, h, wp, out_ch)[:, :, :w]
 
 
 class Conv2d(nn.Conv2d):

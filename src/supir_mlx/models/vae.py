@@ -89,6 +89,20 @@ class Mid(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
+# Activations at least this large (elements) are evaluated block by block. Handed the whole pass as one
+# graph, MLX schedules work from several blocks ahead and keeps their full-resolution temporaries alive at
+# once: a 1024 px bf16 decode peaked 6.75 GB above its input on the GPU backend as one graph and 2.77 GB
+# evaluated per block (H200, MLX 0.32.4 CUDA; 1.66 -> 1.01 GB at 512 px), for ~1 ms of synchronisation per
+# block. Small activations (the tiny test model, latent-sized tiles) keep the single graph.
+SETTLE_ELEMENTS = 1 << 22
+
+
+def settle(h: mx.array) -> mx.array:
+    if h.size >= SETTLE_ELEMENTS:
+        mx.eval(h)
+    return h
+
+
 def _check(cfg: VAEConfig) -> None:
     if cfg.attn_resolutions:
         raise ValueError(
@@ -119,9 +133,9 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             for block in level.block:
-                h = block(h)
+                h = settle(block(h))
             if "downsample" in level:
-                h = level.downsample(h)
+                h = settle(level.downsample(h))
         h = self.mid(h)
         return self.conv_out(self.norm_out(h, silu=True))
 
@@ -147,12 +161,12 @@ class Decoder(nn.Module):
         self.conv_out = Conv2d(cin, cfg.out_ch, 3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:
-        h = self.mid(self.conv_in(z))
+        h = settle(self.mid(self.conv_in(z)))
         for level in reversed(self.up):
             for block in level.block:
-                h = block(h)
+                h = settle(block(h))
             if "upsample" in level:
-                h = level.upsample(h)
+                h = settle(level.upsample(h))
         return self.conv_out(self.norm_out(h, silu=True))
 
 
