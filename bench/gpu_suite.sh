@@ -14,6 +14,7 @@
 #   SUPIR_REFERENCE  reference directory (default tests/reference)
 #   OUT              where logs, bench.json and table.md go (default gpu-suite-out)
 #   PYTHON           the interpreter with torch + CUDA (default python3)
+#   SUPIR_GPU_CASES  the bench's cases (compare_official.py --cases)
 # Each phase can run alone (e.g. on a machine that already has the install); a failing phase does not stop
 # the next one; the exit status is non-zero if any failed.
 set -uo pipefail
@@ -52,7 +53,7 @@ conformance() {
 bench() {
   "$PY" bench/compare_official.py --device gpu --dtype float16 --vae-dtype bfloat16 \
     --official "$PACK/official" --torch-python "$PY" --runs 3 --warmup 1 --timeout 240 \
-    --cases denoiser:64,decode:1024,encode:1024,denoiser:128,decode:512,encode:512 \
+    --cases "${SUPIR_GPU_CASES:-denoiser:64,decode:1024,encode:1024,denoiser:128,decode:512,encode:512}" \
     --json "$OUTDIR/bench.json" 2>&1 | tee "$OUTDIR/bench.log"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUTDIR/bench.log"
 }

@@ -14,13 +14,18 @@ import numpy as np
 MAX_SCORE_ELEMENTS = 1 << 26
 
 
+def _cpu() -> bool:
+    """Whether work runs on MLX's CPU backend, which gets its own paths for convolution and exp-based math."""
+    return mx.default_device() == mx.cpu
+
+
 def attention(
     q: mx.array, k: mx.array, v: mx.array, heads: int, scale: float | None = None, causal: bool = False
 ) -> mx.array:
     """Multi-head attention over [B, N, heads*D] inputs; `causal`: query i sees keys 0..i only.
 
-    Uses the fused `mx.fast.scaled_dot_product_attention`; queries are chunked when the full
-    score matrix would exceed MAX_SCORE_ELEMENTS.
+    Uses the fused `mx.fast.scaled_dot_product_attention` (float32 on the CPU backend: `_sdpa_cpu`); queries
+    are chunked when the full score matrix would exceed MAX_SCORE_ELEMENTS.
     """
     b, nq, c = q.shape
     nk = k.shape[1]
@@ -67,23 +72,23 @@ def _exp_nonpositive(x: mx.array) -> mx.array:
 
 @mx.compile
 def _scale_shift(x: mx.array, a: mx.array, b: mx.array) -> mx.array:
-    return x * a + b
+    return (x.astype(mx.float32) * a + b).astype(x.dtype)
 
 
 @mx.compile
 def _scale_shift_silu(x: mx.array, a: mx.array, b: mx.array) -> mx.array:
-    y = x * a + b
-    return y * mx.sigmoid(y)
+    y = x.astype(mx.float32) * a + b
+    return (y * mx.sigmoid(y)).astype(x.dtype)
 
 
 @mx.compile
 def _silu_exp_cpu(x: mx.array, a: mx.array, b: mx.array) -> mx.array:
-    return _exp_nonpositive(-mx.abs(x * a + b).astype(mx.float32))
+    return _exp_nonpositive(-mx.abs(x.astype(mx.float32) * a + b))
 
 
 @mx.compile
 def _silu_finish_cpu(x: mx.array, a: mx.array, b: mx.array, e: mx.array) -> mx.array:
-    y = x * a + b
+    y = x.astype(mx.float32) * a + b
     return (y * mx.where(y >= 0, 1.0, e) / (1.0 + e)).astype(x.dtype)  # y * sigmoid(y), e = exp(-|y|)
 
 
@@ -187,7 +192,9 @@ class GroupNorm(nn.Module):
         a = inv * self.weight
         shift = self.bias - mx.repeat(mean, per_group, axis=1) * a
         shape = (b,) + (1,) * (x.ndim - 2) + (c,)
-        a, shift = a.reshape(shape).astype(x.dtype), shift.reshape(shape).astype(x.dtype)
+        # float32 scale and shift, applied in float32 inside the fused pass: in bf16, x * a and mean * a nearly
+        # cancel when the mean is large against the spread, and their rounding would dominate the result
+        a, shift = a.reshape(shape), shift.reshape(shape)
         return scale_shift_silu(x, a, shift) if silu else _scale_shift(x, a, shift)
 
     def __call__(self, x: mx.array, silu: bool = False) -> mx.array:
@@ -226,10 +233,6 @@ def timestep_embedding(t: mx.array, dim: int, max_period: float = 10000.0) -> mx
     return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
 
 
-def _cpu() -> bool:
-    return mx.default_device() == mx.cpu
-
-
 def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride=(1, 1), padding=(1, 1)) -> mx.array:
     """`mx.conv2d` plus bias, NHWC, weight [out, kh, kw, in].
 
@@ -244,7 +247,8 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride=(1, 1), 
     `mx.conv2d`.
     """
     out_ch, kh, kw, cin = weight.shape
-    if not (_cpu() and (kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)):
+    # (inputs with few channels, like RGB, unfold cheaply, and nine products of depth 3 would be slow)
+    if not (_cpu() and (kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and cin >= 16):
         y = mx.conv2d(x, weight, stride=stride, padding=padding)
         return y if bias is None else y + bias
     b, h, w, c = x.shape
