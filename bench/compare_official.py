@@ -98,7 +98,9 @@ def planned_tile(kind: str, size: int, budget_gb: float, dtype_size: int) -> int
 # ------------------------------------------------------------------------------------------------ MLX side
 
 
-def mlx_worker(args: argparse.Namespace) -> None:
+def mlx_case(kind: str, size: int, tile: int, dtype):
+    """A call of a full-size random-weight network for one case, its weights and inputs evaluated, so the
+    caller times the call alone."""
     import mlx.core as mx
 
     from supir_mlx.config import SUPIRConfig
@@ -107,61 +109,65 @@ def mlx_worker(args: argparse.Namespace) -> None:
     from supir_mlx.pipeline.tiled_vae import tiled_decode, tiled_encode_with_denoise
     from supir_mlx.sampling.denoiser import DENOISER
 
-    from peak import ResidentPeak
-
-    gpu = args.device == "gpu"
-    mx.set_default_device(mx.gpu if gpu else mx.cpu)
-    dtype = getattr(mx, args.dtype)
     cfg = SUPIRConfig.sdxl_v0()
     key = iter(mx.random.split(mx.random.key(1), 8))
-    t0 = time.perf_counter()
-    if args.case == "denoiser":
+    if kind == "denoiser":
         model = ControlledUNet(cfg)
         model.set_dtype(dtype)  # before the lazy random init is evaluated: no float32 copy ever exists
-        mx.eval(model.parameters())
-        s = args.size
-        x = mx.random.normal((2, s, s, 4), key=next(key))
+        x = mx.random.normal((2, size, size, 4), key=next(key))
         cond = Condition(
             crossattn=mx.random.normal((2, 77, 2048), key=next(key)).astype(dtype),
             vector=mx.random.normal((2, 2816), key=next(key)).astype(dtype),
-            control=mx.random.normal((2, s, s, 4), key=next(key)).astype(dtype),
+            control=mx.random.normal((2, size, size, 4), key=next(key)).astype(dtype),
         )
-        mx.eval(x, cond.crossattn, cond.vector, cond.control)
+        inputs = [x, cond.crossattn, cond.vector, cond.control]
 
         def call():
             return DENOISER(model, x, 5.0, cond, 1.0)
 
-    elif args.case in ("decode", "encode"):
-        vae = AutoencoderKL(cfg.vae)
-        vae.set_dtype(dtype)
-        mx.eval(vae.parameters())
-        if args.case == "decode":
-            z = mx.random.normal((1, args.size // 8, args.size // 8, 4), key=next(key))
-            mx.eval(z)
+    elif kind in ("decode", "encode"):
+        model = AutoencoderKL(cfg.vae)
+        model.set_dtype(dtype)
+        if kind == "decode":
+            z = mx.random.normal((1, size // 8, size // 8, 4), key=next(key))
+            inputs = [z]
 
             def call():
-                return tiled_decode(vae, z, args.tile) if args.tile else vae.decode(z)
+                return tiled_decode(model, z, tile) if tile else model.decode(z)
 
         else:
-            img = mx.random.uniform(-1, 1, (1, args.size, args.size, 3), key=next(key))
-            mx.eval(img)
+            img = mx.random.uniform(-1, 1, (1, size, size, 3), key=next(key))
+            inputs = [img]
 
             def call():
-                return tiled_encode_with_denoise(vae, img, args.tile) if args.tile else vae.encode_with_denoise(img)
+                return tiled_encode_with_denoise(model, img, tile) if tile else model.encode_with_denoise(img)
 
     else:
         from supir_mlx.models.conditioner import Conditioner
 
-        cond_model = Conditioner(cfg)
-        cond_model.set_dtype(dtype)
-        mx.eval(cond_model.parameters())
+        model = Conditioner(cfg)
+        model.set_dtype(dtype)
         ids = mx.random.randint(1, 49407, (2, 77), key=next(key))
         ids[:, -1] = 49407
-        clip_l, bigg = cond_model.embedders
+        inputs = [ids]
+        clip_l, bigg = model.embedders
 
         def call():
             return clip_l(ids), bigg(ids)
 
+    mx.eval(model.parameters(), inputs)
+    return call
+
+
+def mlx_worker(args: argparse.Namespace) -> None:
+    import mlx.core as mx
+
+    from peak import ResidentPeak
+
+    gpu = args.device == "gpu"
+    mx.set_default_device(mx.gpu if gpu else mx.cpu)
+    t0 = time.perf_counter()
+    call = mlx_case(args.case, args.size, args.tile, getattr(mx, args.dtype))
     mx.synchronize()
     build_s = time.perf_counter() - t0
     for _ in range(args.warmup):

@@ -18,11 +18,9 @@ import time
 from collections import Counter, defaultdict
 
 import mlx.core as mx
+from compare_official import mlx_case
 
-from supir_mlx.config import SUPIRConfig
 from supir_mlx.models import adapters, layers, unet, vae
-from supir_mlx.models.supir import Condition, ControlledUNet
-from supir_mlx.sampling.denoiser import DENOISER
 from supir_mlx.weights.quantize import QuantizedConv2d
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -80,39 +78,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="latent side (denoiser) or image side in px (VAE)")
     ap.add_argument("--dtype", choices=DTYPES, default="float16" if mx.metal.is_available() else "float32")
     args = ap.parse_args()
-    dtype = DTYPES[args.dtype]
-    cfg = SUPIRConfig.sdxl_v0()
-    keys = iter(mx.random.split(mx.random.key(0), 4))
-    if args.part == "denoiser":
-        model = ControlledUNet(cfg)
-        model.set_dtype(dtype)
-        s = args.size
-        x = mx.random.normal((2, s, s, 4), key=next(keys))
-        cond = Condition(
-            crossattn=mx.random.normal((2, 77, 2048), key=next(keys)).astype(dtype),
-            vector=mx.random.normal((2, 2816), key=next(keys)).astype(dtype),
-            control=mx.random.normal((2, s, s, 4), key=next(keys)).astype(dtype),
-        )
-
-        def call():
-            return DENOISER(model, x, 5.0, cond, 1.0)
-
-    else:
-        model = vae.AutoencoderKL(cfg.vae)
-        model.set_dtype(dtype)
-        if args.part == "decode":
-            z = mx.random.normal((1, args.size // 8, args.size // 8, 4), key=next(keys))
-
-            def call():
-                return model.decode(z)
-
-        else:
-            img = mx.random.uniform(-1, 1, (1, args.size, args.size, 3), key=next(keys))
-
-            def call():
-                return model.encode_with_denoise(img)
-
-    mx.eval(model.parameters())
+    call = mlx_case(args.part, args.size, 0, DTYPES[args.dtype])
     mx.eval(call())  # warm-up: compiled kernels, allocator
     start = time.perf_counter()
     mx.eval(call())

@@ -153,6 +153,21 @@ def _pixel_mean(x: mx.array, fn=None) -> mx.array:
     return total / (rows * row_pixels)
 
 
+def group_statistics(x: mx.array, groups: int) -> tuple[mx.array, mx.array]:
+    """Per (sample, group) mean and biased variance [B, groups] of [B, H, ..., C], float32, two-pass like PyTorch.
+
+    Reduced over the pixels first (column sums per channel, a piece of pixels at a time), then over the
+    channels of each group: MLX reduces a [B, pixels, C] array along the pixels ~15x faster than over two
+    strided axes at once, and the pieces keep the float32 temporaries small.
+    """
+    b, c = x.shape[0], x.shape[-1]
+    per = c // groups
+    mean = mx.mean(_pixel_mean(x).reshape(b, groups, per), axis=-1)
+    mean_c = mx.repeat(mean, per, axis=1)[:, None, :]
+    var = _pixel_mean(x, lambda piece: _centered_square(piece, mean_c))
+    return mean, mx.mean(var.reshape(b, groups, per), axis=-1)
+
+
 class GroupNorm(nn.Module):
     """PyTorch's GroupNorm over the channel (last) axis, optionally followed by SiLU.
 
@@ -171,18 +186,7 @@ class GroupNorm(nn.Module):
         self.bias = mx.zeros((channels,))
 
     def statistics(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        """Per (sample, group) mean and biased variance [B, groups], float32, two-pass like PyTorch's.
-
-        Reduced over the pixels first (column sums per channel, a piece of pixels at a time), then over the
-        channels of each group: MLX reduces a [B, pixels, C] array along the pixels ~15x faster than over
-        two strided axes at once, and the pieces keep the float32 temporaries small.
-        """
-        b, c = x.shape[0], x.shape[-1]
-        per = c // self.groups
-        mean = mx.mean(_pixel_mean(x).reshape(b, self.groups, per), axis=-1)  # [B, G]
-        mean_c = mx.repeat(mean, per, axis=1)[:, None, :]
-        var = _pixel_mean(x, lambda piece: _centered_square(piece, mean_c))
-        return mean, mx.mean(var.reshape(b, self.groups, per), axis=-1)
+        return group_statistics(x, self.groups)
 
     def normalize(self, x: mx.array, mean: mx.array, var: mx.array, silu: bool = False) -> mx.array:
         """Apply the norm with given group statistics (the tiled VAE shares them across tiles)."""

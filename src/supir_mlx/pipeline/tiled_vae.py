@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..models.layers import GroupNorm
+from ..models.layers import GroupNorm, group_statistics
 from ..models.vae import AutoencoderKL, Decoder, Encoder, ResnetBlock
 
 ENCODER_PAD = 32  # image pixels
@@ -130,15 +130,6 @@ def network_ops(net: Encoder | Decoder) -> list[Op]:
     if isinstance(net, Encoder):
         ops += _mid_ops(net.mid)
     return ops + [("norm", net.norm_out), ("apply", nn.silu), ("apply", net.conv_out)]
-
-
-def _group_stats(h: mx.array) -> tuple[mx.array, mx.array]:
-    """Per (batch item, group) mean and biased variance, in float32."""
-    b, hh, ww, c = h.shape
-    g = h.astype(mx.float32).reshape(b, hh * ww, GROUPS, c // GROUPS)
-    mean = mx.mean(g, axis=(1, 3))
-    var = mx.mean(mx.square(g - mean[:, None, :, None]), axis=(1, 3))
-    return mean, var
 
 
 def _segments(ops: list[Op]) -> list[list[Op]]:
@@ -291,7 +282,7 @@ def tiled_forward(net: Encoder | Decoder, x: mx.array, tile_size: int, spill: bo
                     crops.append(_crop(h, tile, is_decoder))
                     mx.eval(crops[-1])
                     continue
-                mean, var = _group_stats(h)
+                mean, var = group_statistics(h, GROUPS)
                 tile_stats.append((mean, var, h.shape[1] * h.shape[2]))
                 if store:
                     mx.eval(h, res, mean, var)
