@@ -187,12 +187,13 @@ def test_staged_residency_releases_parts_and_changes_nothing(restorer, tmp_path)
     runner = restorer.runner
     seen = {}
 
-    def progress(stage, done, total):
-        seen.setdefault(stage, (set(runner.residency.resident), mx.get_active_memory()))
+    def progress(event):
+        if event.kind == "stage":
+            seen.setdefault(event["stage"], (set(runner.residency.resident), mx.get_active_memory()))
 
     resident = np.array(runner.sample(mx.array(x), [""], s, SeededNoise(1), staged=False))
     assert runner.residency.resident == {"vae", "text", "denoiser"}
-    staged = np.array(runner.sample(mx.array(x), [""], s, SeededNoise(1), staged=True, progress=progress))
+    staged = np.array(runner.sample(mx.array(x), [""], s, SeededNoise(1), staged=True, on_event=progress))
     assert np.array_equal(staged, resident)
     assert seen["stage1"][0] == {"vae"} and seen["sample"][0] == {"vae", "denoiser"} and seen["decode"][0] == {"vae"}
     assert runner.residency.resident == {"vae"}

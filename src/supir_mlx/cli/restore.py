@@ -30,25 +30,24 @@ class Fail(click.ClickException):
 
 
 class ProgressBar:
-    """One line on stderr per stage: a bar, counts, elapsed time and ETA (tiles count as work units)."""
+    """Stage events as one line on stderr per stage: a bar, counts, elapsed time and ETA (tiles count as work)."""
 
     def __init__(self, label: str, enabled: bool):
         self.label, self.enabled = label, enabled
-        self.stage, self.t0 = None, 0.0
+        self.stage = None
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
+    def __call__(self, event) -> None:
+        if not self.enabled or event.kind != "stage":
             return
-        now = time.perf_counter()
+        stage, done, total = event["stage"], event["done"], event["total"]
         if stage != self.stage:
             if self.stage is not None:
                 sys.stderr.write("\n")
-            self.stage, self.t0 = stage, now
-        elapsed = now - self.t0
+            self.stage = stage
         frac = done / total if total else 1.0
-        eta = elapsed / done * (total - done) if done else 0.0
         bar = "#" * int(frac * 24)
-        sys.stderr.write(f"\r  {self.label} {stage:7s} [{bar:24s}] {done}/{total}  {_clock(elapsed)} elapsed  ETA {_clock(eta)} ")
+        sys.stderr.write(f"\r  {self.label} {stage:9s} [{bar:24s}] {done}/{total}  {_clock(event['elapsed'])} elapsed  "
+                         f"ETA {_clock(event['time_left'] or 0.0)} ")
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -119,14 +118,35 @@ def _clock(s: float) -> str:
 @click.option("--draft", is_flag=True, help="Restore only a centred crop (about one 1024-px tile) as <name>_draft, to preview the settings quickly.")
 @click.option("--offline", is_flag=True, help="Never contact the Hugging Face hub.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "json_events", is_flag=True,
+              help="Progress and results as JSON Lines events on stdout (README: Events); human output on stderr.")
 def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, preset, settings_from,
             prompt, no_caption, weights, sdxl, supir, source, captioner, captioner_weights, dtype, vae_dtype, quantize,
-            memory_limit, plan_only, draft, offline, quiet, **knobs) -> None:
+            memory_limit, plan_only, draft, offline, quiet, json_events, **knobs) -> None:
     """Restore photos (files, folders or glob patterns) with SUPIR.
 
     Outputs are generative reconstructions: detail is synthesised, not recovered; every output says so in its
     metadata. Inputs are never modified; outputs are written atomically and never replace an input.
     """
+    from ..events import Event, JsonLines
+
+    emit = JsonLines() if json_events else None
+    try:
+        _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, preset,
+                 settings_from, prompt, no_caption, weights, sdxl, supir, source, captioner, captioner_weights, dtype,
+                 vae_dtype, quantize, memory_limit, plan_only, draft, offline, quiet, emit, knobs)
+    except click.ClickException as e:
+        if emit is not None:  # a program reading the events learns why nothing (more) happened
+            emit(Event("error", {"message": e.format_message()}))
+        raise
+
+
+def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, preset, settings_from,
+             prompt, no_caption, weights, sdxl, supir, source, captioner, captioner_weights, dtype, vae_dtype, quantize,
+             memory_limit, plan_only, draft, offline, quiet, emit, knobs) -> None:
+    def say(message: str) -> None:  # human output: stdout, or stderr when stdout carries the JSON events
+        click.echo(message, err=emit is not None)
+
     from ..io.batch import collect_inputs, plan_outputs
     from ..io.images import ImageError
     from ..pipeline.settings import RestoreSettings, SettingsError, settings_for
@@ -162,7 +182,7 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
 
     captions_given = no_caption or prompt is not None
     if plan_only:
-        _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, captions_given)
+        _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, captions_given, say)
         return
 
     quantize, captioner = _fitting_choices(items, settings, weights, dtype, captioner, quantize, memory_limit,
@@ -172,7 +192,8 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
     progress = ProgressBar("", enabled=not quiet and sys.stderr.isatty())
     totals: dict[str, list[float]] = {}
 
-    def process(item) -> None:
+    def process(item) -> dict:
+        from ..events import tagged
         from ..io.images import load_image
 
         loaded = load_image(item.input)
@@ -194,31 +215,37 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
         progress.label = item.input.name
         t0 = time.perf_counter()
         try:
-            result = restorer.restore(loaded.to_pil(), s, progress=progress)
+            result = restorer.restore(loaded.to_pil(), s, on_event=tagged(on_event, **item.tags()))
         finally:
             progress.close()
         for name, st in result.stages.items():
             totals.setdefault(name, [0.0, 0])
             totals[name][0] += st.seconds
             totals[name][1] = max(totals[name][1], st.peak_bytes)
-        _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, compare)
-        click.echo(f"  {item.input} -> {item.output}  ({time.perf_counter() - t0:.1f} s, peak {result.peak_memory / 1e9:.2f} GB)"
-                   + (f"\n    caption: {result.caption[:120]}" if result.caption and prompt is None else ""))
+        written, prov = _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, compare)
+        seconds = time.perf_counter() - t0
+        say(f"  {item.input} -> {item.output}  ({seconds:.1f} s, peak {result.peak_memory / 1e9:.2f} GB)"
+            + (f"\n    caption: {result.caption[:120]}" if result.caption and prompt is None else ""))
+        return {"outputs": [str(p) for p in written], "seconds": round(seconds, 3), "peak_bytes": result.peak_memory,
+                "caption": result.caption, "provenance": provenance_summary(prov)}
 
     from ..io.batch import run_batch
 
-    def on_event(kind, item, detail):
-        if kind == "skip":
-            click.echo(f"  skip {item.input}: {detail} ({item.output})")
-        elif kind == "fail":
-            click.echo(f"  FAILED {detail}", err=True)
+    def on_event(event):
+        if event.kind == "skipped":
+            say(f"  skip {event['input']}: {event['reason']} ({event['output']})")
+        elif event.kind == "error":
+            click.echo(f"  FAILED {event['message']}", err=True)
+        progress(event)
+        if emit is not None:
+            emit(event)
 
     summary = run_batch(items, process, overwrite=overwrite, on_event=on_event)
     if totals:
-        click.echo("stage times (all images) and peak memory:")
+        say("stage times (all images) and peak memory:")
         for name, (secs, peak) in totals.items():
-            click.echo(f"  {name:10s} {secs:8.1f} s   peak {peak / 1e9:6.2f} GB")
-    click.echo(summary.line())
+            say(f"  {name:10s} {secs:8.1f} s   peak {peak / 1e9:6.2f} GB")
+    say(summary.line())
     if not summary.ok:
         sys.exit(130 if summary.interrupted else 1)
 
@@ -273,7 +300,15 @@ def _load(weights, sdxl, supir, model, source, captioner, captioner_weights, dty
         raise Fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
-def _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, compare) -> None:
+def provenance_summary(prov: dict) -> dict:
+    """The part of an output's provenance record a result event carries (the file has all of it)."""
+    keys = ("sampler", "steps", "cfg", "control_scale", "restore_cfg", "upscale", "color_fix", "model")
+    return {**{k: prov[k] for k in ("notice", "generator", "model", "base_checkpoint", "seed")},
+            "settings": {k: prov["settings"][k] for k in keys if k in prov["settings"]}}
+
+
+def _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, compare) -> tuple[list[Path], dict]:
+    """Write every sample (and its comparison) atomically; the files written and the provenance record."""
     import numpy as np
     from PIL import Image
 
@@ -292,15 +327,19 @@ def _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, co
     if loaded.alpha is not None:
         a = loaded.alpha if loaded.alpha.dtype == np.uint8 else (loaded.alpha.astype(np.float32) / 257).round().astype(np.uint8)
         alpha = np.asarray(Image.fromarray(a).resize(result.image.size, Image.BICUBIC))
+    written = []
     for i, pixels in enumerate(result.pixels):
         path = item.output if i == 0 else item.output.with_name(f"{item.output.stem}_{i}{item.output.suffix}")
         rgb = pixels if out_bits == 16 else np.asarray(result.images[i])
         save_image(path, rgb, bits=out_bits, format=fmt, jpeg_quality=jpeg_quality, alpha=alpha,
                    exif=loaded.exif, xmp=loaded.xmp, iptc=loaded.iptc, provenance=prov, overwrite=overwrite)
+        written.append(path)
         if compare:
-            from ..io.compare import write_compare
+            from ..io.compare import compare_path, write_compare
 
             write_compare(path, np.asarray(loaded.to_pil()), np.asarray(result.images[i]), provenance=prov, overwrite=overwrite)
+            written.append(compare_path(path))
+    return written, prov
 
 
 def _plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed):
@@ -334,17 +373,17 @@ def _plans(items, settings, weights, dtype, captioner, quantize, memory_limit, n
             yield item, line, e
 
 
-def _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed) -> None:
+def _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed, say) -> None:
     from ..memory import MemoryPlanError
 
     failed = False
     for _, line, p in _plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed):
-        click.echo(line)
+        say(line)
         if isinstance(p, MemoryPlanError):
-            click.echo(f"  DOES NOT FIT: {p}")
+            say(f"  DOES NOT FIT: {p}")
             failed = True
         elif p is not None:
-            click.echo(str(p))
+            say(str(p))
     if failed:
         sys.exit(1)
 

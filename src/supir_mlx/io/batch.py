@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
+from ..events import Event, EventCallback
 from .images import INPUT_EXTENSIONS, ImageError, _reason
 
 DEFAULT_PATTERN = "{stem}_supir{ext}"
@@ -26,6 +28,10 @@ class BatchItem:
     index: int  # 1-based position in the batch
     input: Path
     output: Path
+
+    def tags(self) -> dict[str, Any]:
+        """The fields that tie an event to this item (index, input, output)."""
+        return {"index": self.index, "input": str(self.input), "output": str(self.output)}
 
 
 @dataclass
@@ -42,6 +48,10 @@ class BatchSummary:
     def line(self) -> str:
         s = f"{len(self.done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed"
         return s + (" (interrupted: run the same command again to resume)" if self.interrupted else "")
+
+    def event(self, seconds: float, **extra: Any) -> Event:
+        return Event("summary", {"done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed),
+                                 "interrupted": self.interrupted, "seconds": round(seconds, 3), **extra})
 
 
 def _supported(p: Path) -> bool:
@@ -133,30 +143,35 @@ def drop_earlier_outputs(inputs: list[Path], output_dir: str | Path | None = Non
     return [p for p in inputs if os.path.realpath(p) in kept or os.path.realpath(p) not in derived]
 
 
-def run_batch(items: list[BatchItem], process_fn: Callable[[BatchItem], object], *, overwrite: bool = False,
-              on_event: Callable[[str, BatchItem, str], None] | None = None) -> BatchSummary:
+def run_batch(items: list[BatchItem], process_fn: Callable[[BatchItem], dict[str, Any] | None], *,
+              overwrite: bool = False, on_event: EventCallback | None = None) -> BatchSummary:
     """Run `process_fn` on each item; one failure never stops the others.
 
     Existing outputs are skipped unless `overwrite` (that is how a second run resumes). An exception from
     `process_fn` is recorded as a one-line reason and the batch goes on. Ctrl-C stops after the current item has
     been abandoned (the atomic writer leaves no partial file) and returns the summary with `interrupted` set.
-    `on_event(kind, item, detail)` is called with kind in {"start", "done", "skip", "fail"} for progress output.
+    `on_event` receives the batch's events (supir_mlx.events): plan, then per item start and result, skipped or
+    error, then summary. What `process_fn` returns (outputs, peak_bytes, caption, provenance) goes into the item's
+    result event.
     """
     summary = BatchSummary()
-    notify = on_event or (lambda *_: None)
+    notify = on_event or (lambda _: None)
+    t_batch = time.perf_counter()
+    notify(Event("plan", {"count": len(items), "items": [it.tags() for it in items]}))
     for item in items:
         if item.output.exists() and not overwrite:
             summary.skipped.append((item, "output exists"))
-            notify("skip", item, "output exists")
+            notify(Event("skipped", {**item.tags(), "reason": "output exists"}))
             continue
-        notify("start", item, "")
+        notify(Event("start", item.tags()))
+        t0 = time.perf_counter()
         try:
             try:
                 item.output.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ImageError(f"{item.output}: cannot create the output folder {item.output.parent} "
                                  f"({_reason(e)})") from None
-            process_fn(item)
+            returned = process_fn(item) or {}
         except KeyboardInterrupt:
             summary.interrupted = True
             break
@@ -165,8 +180,10 @@ def run_batch(items: list[BatchItem], process_fn: Callable[[BatchItem], object],
             if not isinstance(e, ImageError):
                 reason = f"{item.input}: {reason}"
             summary.failed.append((item, reason))
-            notify("fail", item, reason)
+            notify(Event("error", {**item.tags(), "message": reason}))
             continue
         summary.done.append(item)
-        notify("done", item, "")
+        notify(Event("result", {**item.tags(), "outputs": [str(item.output)], "seconds": round(time.perf_counter() - t0, 3),
+                                "peak_bytes": 0, "caption": "", "provenance": {}, **returned}))
+    notify(summary.event(time.perf_counter() - t_batch))
     return summary

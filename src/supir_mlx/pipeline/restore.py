@@ -22,13 +22,14 @@ import numpy as np
 from PIL import Image
 
 from ..config import SUPIRConfig
+from ..events import EventCallback, StageClock
 from ..models.supir import SUPIRModel
 from ..sampling.noise import NoiseSource, SeededNoise
 from ..sampling.tiled import Tiling, auto_tiling
 from .preprocess import pil_to_tensor, processing_size, resize_bicubic_torch, tensor_to_image, tensor_to_uint8
 from .residency import Residency
 from .settings import RestoreSettings, settings_for
-from .supir import Progress, StageStats, SupirRunner, Trace, VAETiles
+from .supir import StageStats, SupirRunner, Trace, VAETiles
 
 def default_dtype() -> mx.Dtype:
     """fp16 diffusion on Metal; fp32 on the CPU backend (its fp16 matmul is slow)."""
@@ -221,7 +222,7 @@ class Restorer:
         *,
         preset: str = "default",
         noise: NoiseSource | None = None,
-        progress: Progress | None = None,
+        on_event: EventCallback | None = None,
         **overrides: Any,
     ) -> RestoreResult:
         """Restore one image (a path, PIL image or HxWx3 array).
@@ -229,20 +230,27 @@ class Restorer:
         Settings: `settings`, or `preset` ("default", "quality", "fidelity", "lightning", ...) with any
         knob of RestoreSettings given as a keyword overriding it. `noise` replaces the seeded draws
         (e.g. to replay another implementation's); by default every draw comes from settings.seed.
+        `on_event` receives stage events (caption, stage1, condition, sample, decode) and one step event per
+        sampler step, whose `latent` / `denoised` hold the current latent and x0 estimate (supir_mlx.events).
         """
         s = (settings.updated(**overrides) if settings else settings_for(preset, **overrides)).validate()
         img = _as_pil(image)
         x, h0, w0 = pil_to_tensor(img, s.upscale, s.min_size)
         H, W = x.shape[1:3]
         plan = self.plan(img.width, img.height, s)  # raises MemoryPlanError before any work if nothing fits
-        caption = s.prompt if s.prompt is not None else (self.caption(img, s, plan.staged) if self._will_caption(s) else "")
+        caption = s.prompt if s.prompt is not None else ""
+        if s.prompt is None and self._will_caption(s):
+            report = StageClock(on_event)
+            report("caption", 0, 1)
+            caption = self.caption(img, s, plan.staged)
+            report("caption", 1, 1)
         vae_tiles = self._vae_tiles(s, plan)
         f = self.config.vae.downsample_factor
         tiling = Tiling(s.tile_size, s.tile_stride or s.tile_size // 2) if s.tile_size else auto_tiling(H // f, W // f, plan.unet_tile)
         trace = Trace(keep=("x_stage1",))
         out = self.runner.sample(
             mx.array(x), [caption], s, noise or SeededNoise(s.seed), tiling=tiling, vae_tiles=vae_tiles,
-            batched_cfg=plan.cfg_batched, staged=plan.staged, progress=progress, trace=trace,
+            batched_cfg=plan.cfg_batched, staged=plan.staged, on_event=on_event, trace=trace,
         )
         out = np.array(out)
         pixels = [np.clip((resize_bicubic_torch(o, h0, w0) + 1) / 2, 0, 1) for o in out]

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
-
 import mlx.core as mx
 
+from ..events import Event, EventCallback, StageClock
 from ..models.supir import Condition, SUPIRModel
 from ..sampling.denoiser import guided_denoiser
 from ..sampling.dpmpp import sample_restore_dpmpp
@@ -28,9 +27,6 @@ from ..sampling.tiled import Tiling, auto_tiling, sample_tiled_restore_dpmpp, sa
 from . import tiled_vae
 from .colorfix import adain_color_fix, wavelet_color_fix
 from .settings import RestoreSettings
-
-# progress(stage, done, total): called as work advances (stage names: "stage1", "sample", "decode").
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -165,7 +161,7 @@ class SupirRunner:
         vae_tiles: VAETiles = VAETiles(),
         batched_cfg: bool = True,
         staged: bool = False,
-        progress: Progress | None = None,
+        on_event: EventCallback | None = None,
         trace: Trace | None = None,
     ) -> mx.array:
         """Official `batchify_sample(x, captions, ...)`: the restored images [N,H,W,3] in [-1,1], not clamped.
@@ -173,11 +169,12 @@ class SupirRunner:
         x is [B,H,W,3]; with num_samples > 1 there must be one image, repeated num_samples times (as
         officially, each sample gets its own noise). `tiling` "auto" tiles the latent only when it is
         larger than one official 128-pixel tile; a Tiling forces it; None never tiles. `staged` keeps only
-        the weights each stage needs in memory (see pipeline.residency).
+        the weights each stage needs in memory (see pipeline.residency). `on_event` receives stage events
+        (stage1, condition, sample, decode) and one step event per sampler step (supir_mlx.events).
         """
         s = settings
         trace = trace or Trace()
-        report = progress or (lambda *_: None)
+        report = StageClock(on_event)
         if len(captions) != x.shape[0]:
             raise ValueError(f"{len(captions)} captions for {x.shape[0]} images")
         if s.num_samples > 1:
@@ -208,6 +205,7 @@ class SupirRunner:
 
         with trace.stage("condition"):
             self.use(staged, "vae", "text")
+            report("condition", 0, 1)
             (c_ctx, c_vec), (uc_ctx, uc_vec) = self.model.conditioner.prepare_condition(
                 captions, s.positive_prompt, s.negative_prompt
             )
@@ -215,12 +213,13 @@ class SupirRunner:
             cond = Condition(c_ctx.astype(d), c_vec.astype(d), z_lq.astype(d))
             uncond = Condition(uc_ctx.astype(d), uc_vec.astype(d), z_lq.astype(d))
             mx.eval(cond.crossattn, cond.vector, uncond.crossattn, uncond.vector)
+            report("condition", 1, 1)
         for name, v in (("c_crossattn", c_ctx), ("c_vector", c_vec), ("uc_crossattn", uc_ctx), ("uc_vector", uc_vec)):
             trace.store(name, _f32(v))
 
         with trace.stage("sample"):
             self.use(staged, "vae", "denoiser")
-            latent = self._sample(z_lq, z_stage1, cond, uncond, s, noise, tiling, batched_cfg, report, trace)
+            latent = self._sample(z_lq, z_stage1, cond, uncond, s, noise, tiling, batched_cfg, report, on_event, trace)
         trace.store("samples_latent", latent)
 
         with trace.stage("decode"):
@@ -240,7 +239,7 @@ class SupirRunner:
         trace.store("out", out)
         return out
 
-    def _sample(self, z_lq, z_stage1, cond, uncond, s, noise, tiling, batched_cfg, report, trace) -> mx.array:
+    def _sample(self, z_lq, z_stage1, cond, uncond, s, noise, tiling, batched_cfg, report, on_event, trace) -> mx.array:
         options = SamplerOptions(
             cfg=s.cfg, cfg_start=s.cfg_start, linear_cfg=s.linear_cfg, control_scale=s.control_scale,
             control_start=s.control_start, linear_control=s.linear_control, restore_cfg=s.restore_cfg,
@@ -253,29 +252,32 @@ class SupirRunner:
                 tiling = replace(tiling, stride=s.tile_stride)
         denoise = guided_denoiser(_InDtype(self.model.model, self.net_dtype), cond, uncond, batched=batched_cfg)
         steps = s.steps
-        done = [0]
+        n_tiles = len(tiling.windows(z_lq.shape[1], z_lq.shape[2])) if tiling is not None else 1
         keep_step = trace.steps.append if trace.wants("steps") else (lambda _: None)
+        t0, tiles_done = time.perf_counter(), [0]
+        report("sample", 0, steps * n_tiles)
 
         def on_step(step):
-            done[0] += 1
+            """After each whole step: the step event (with the latent and x0 for Python callbacks)."""
             keep_step(step)
-            report("sample", done[0], steps)
+            if tiling is None:
+                report("sample", step.index + 1, steps)
+            if on_event is not None:
+                elapsed = time.perf_counter() - t0
+                on_event(Event("step", {
+                    "step": step.index + 1, "steps": steps, "sigma": float(sigmas[step.index]), "tiles": n_tiles,
+                    "elapsed": round(elapsed, 3), "time_left": round(elapsed / (step.index + 1) * (steps - step.index - 1), 3),
+                }, latent=step.x_out, denoised=step.denoised))
 
+        def on_tile(_):
+            tiles_done[0] += 1
+            report("sample", tiles_done[0], steps * n_tiles)
+
+        sigmas = legacy_sigmas(steps) if s.sampler == "edm" else dpmpp_sigmas(steps)
         if tiling is not None:
-            n_tiles = len(tiling.windows(z_lq.shape[1], z_lq.shape[2]))
-            tiles_done = [0]
-
-            def on_tile(_):
-                tiles_done[0] += 1
-                report("sample", tiles_done[0], steps * n_tiles)
-
             if s.sampler == "edm":
-                return sample_tiled_restore_edm(
-                    denoise, x, legacy_sigmas(steps), options, tiling, z_stage1, noise, keep_step, on_tile
-                )
-            return sample_tiled_restore_dpmpp(
-                denoise, x, dpmpp_sigmas(steps), options, tiling, noise, keep_step, on_tile
-            )
+                return sample_tiled_restore_edm(denoise, x, sigmas, options, tiling, z_stage1, noise, on_step, on_tile)
+            return sample_tiled_restore_dpmpp(denoise, x, sigmas, options, tiling, noise, on_step, on_tile)
         if s.sampler == "edm":
-            return sample_restore_edm(denoise, x, legacy_sigmas(steps), options, z_stage1, noise, on_step)
-        return sample_restore_dpmpp(denoise, x, dpmpp_sigmas(steps), options, noise, on_step)
+            return sample_restore_edm(denoise, x, sigmas, options, z_stage1, noise, on_step)
+        return sample_restore_dpmpp(denoise, x, sigmas, options, noise, on_step)

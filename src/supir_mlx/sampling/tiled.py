@@ -87,7 +87,7 @@ class TiledStep:
     index: int
     x_in: mx.array
     x_out: mx.array
-    denoised: mx.array | None  # DPM++: the blended denoised the next step's tiles read as old_denoised
+    denoised: mx.array  # the blended denoised estimate (DPM++: what the next step's tiles read as old_denoised)
 
 
 class _Blender:
@@ -137,20 +137,23 @@ def sample_tiled_restore_edm(
     blend = _Blender(tiling, x.shape, x.dtype)
     for i in range(steps):
         eps = noise.next(x.shape, x.dtype) if noise is not None else None
-        acc = mx.zeros_like(x)
+        acc, acc_d = mx.zeros_like(x), mx.zeros_like(x)
         for j, win in enumerate(blend.windows):
             step = edm_step(
                 denoise, crop(x, win), sigmas[i], sigmas[i + 1], gamma, options, crop(x_center, win), crop(eps, win), i, win
             )
             step.tile = j
             acc = blend.add(acc, win, step.x_out)
-            mx.eval(acc)
+            # the blended x0 only feeds step callbacks (a live preview); the sampler itself does not read it
+            if callback is not None:
+                acc_d = blend.add(acc_d, win, step.denoised)
+            mx.eval(acc, acc_d)
             if tile_callback is not None:
                 tile_callback(step)
         x_next = acc / blend.count
         mx.eval(x_next)
         if callback is not None:
-            callback(TiledStep(i, x, x_next, None))
+            callback(TiledStep(i, x, x_next, acc_d / blend.count))
         x = x_next
     return x
 
