@@ -38,6 +38,7 @@ DEFAULT_RTOL = {
     "tilevae": 1e-4,
     "llava": 1e-4,
     "dpmpp": 1e-3,
+    "face": 1e-4,
 }
 SKIP_GROUPS = {"tiny", "manifests", "clip_bpe"}
 

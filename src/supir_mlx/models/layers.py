@@ -237,8 +237,19 @@ def timestep_embedding(t: mx.array, dim: int, max_period: float = 10000.0) -> mx
     return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
 
 
-def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride=(1, 1), padding=(1, 1)) -> mx.array:
-    """`mx.conv2d` plus bias, NHWC, weight [out, kh, kw, in].
+def pad_reflect(x: mx.array, p: int) -> mx.array:
+    """PyTorch's ReflectionPad2d(p) on NHWC (the border row/column itself is not repeated)."""
+    for axis in (1, 2):
+        n = x.shape[axis]
+        edge = lambda i: mx.take(x, mx.array([i]), axis=axis)  # noqa: E731
+        x = mx.concatenate([edge(i) for i in range(p, 0, -1)] + [x] + [edge(n - 1 - i) for i in range(1, p + 1)], axis=axis)
+    return x
+
+
+def conv2d(
+    x: mx.array, weight: mx.array, bias: mx.array | None, stride=(1, 1), padding=(1, 1), reflect: bool = False
+) -> mx.array:
+    """`mx.conv2d` plus bias, NHWC, weight [out, kh, kw, in]; `reflect` pads by reflection instead of zeros.
 
     On the CPU backend a 3x3, stride-1, padding-1 convolution (nearly every convolution here) runs as nine
     matrix products over shifted views instead, with no unfold buffer at all. With the input zero-padded and
@@ -253,12 +264,15 @@ def conv2d(x: mx.array, weight: mx.array, bias: mx.array | None, stride=(1, 1), 
     out_ch, kh, kw, cin = weight.shape
     # (inputs with few channels, like RGB, unfold cheaply, and nine products of depth 3 would be slow)
     if not (_cpu() and (kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and cin >= 16):
+        if reflect:
+            x, padding = pad_reflect(x, padding[0]), (0, 0)
         y = mx.conv2d(x, weight, stride=stride, padding=padding)
         return y if bias is None else y + bias
     b, h, w, c = x.shape
     wp = w + 2
     # one extra zero row at the bottom: the last taps of the last row's junk columns read past H+2 rows
-    flat = mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)]).reshape(b, (h + 3) * wp, c)
+    padded = mx.pad(pad_reflect(x, 1), [(0, 0), (0, 1), (0, 0), (0, 0)]) if reflect else mx.pad(x, [(0, 0), (1, 2), (1, 1), (0, 0)])
+    flat = padded.reshape(b, (h + 3) * wp, c)
     out = None
     for dy in range(3):
         for dx in range(3):

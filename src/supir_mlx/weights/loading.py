@@ -27,7 +27,7 @@ IGNORED_KEYS = {
     "mask_LQ",  # training-only tensor of the SUPIR checkpoint
     "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",  # arange(77) buffer
 }
-IGNORED_SUFFIXES = (".mask_LQ",)
+IGNORED_SUFFIXES = (".mask_LQ", ".num_batches_tracked")  # the last: BatchNorm training counters
 
 # Top-level parts of SUPIRModel, by parameter prefix; each gets its own dtype (see component_dtypes).
 COMPONENTS = {
