@@ -23,7 +23,7 @@ import pytest
 
 from supir_mlx.weights.checkpoint import CheckpointError, read_checkpoint, unpickle_restricted
 
-from torchsave import Storage, Tensor, _ModelCheckpoint, _fake_torch_modules, _TorchPickler, torch_save  # noqa: E402
+from torchsave import Storage, Tensor, _ModelCheckpoint, _fake_torch_modules, _TorchPickler, save_tensors, torch_save  # noqa: E402
 
 
 def bf16_values(rng, shape) -> np.ndarray:
@@ -145,11 +145,32 @@ def test_pickle_cannot_tamper_with_rebuild_functions():
     assert unpickle_restricted(buf.getvalue())["h"].storage.dtype == "float16"
 
 
+def test_legacy_torch_format_reads_like_zip(tmp_path):
+    """Pre-1.6 torch.save files (facexlib's detector is one): same tensors, views of the file, strict keys."""
+    rng = np.random.default_rng(3)
+    tensors = {"module.a.weight": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+               "module.a.bias": rng.standard_normal(4).astype(np.float16), "b.n": np.array([7], dtype=np.float32)}
+    save_tensors(tensors, tmp_path / "legacy.pth", legacy=True)
+    ck = read_checkpoint(tmp_path / "legacy.pth")
+    assert set(ck) == set(tensors)
+    for k, v in tensors.items():
+        assert ck.shape(k) == v.shape and ck[k].dtype == v.dtype and np.array_equal(ck[k], v)
+
+
 def test_legacy_truncated_and_foreign_files_get_one_line_errors(tmp_path):
     legacy = tmp_path / "legacy.pt"
     legacy.write_bytes(b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02M\xe9\x03.")
-    with pytest.raises(CheckpointError, match="legacy"):
+    with pytest.raises(CheckpointError, match="truncated or corrupt legacy"):
         read_checkpoint(legacy)
+    save_tensors({"w": np.ones(1000, np.float32)}, tmp_path / "full.pth", legacy=True)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes((tmp_path / "full.pth").read_bytes()[:-200])
+    with pytest.raises(CheckpointError, match="truncated legacy"):
+        read_checkpoint(cut)
+    other = tmp_path / "other.pkl"
+    other.write_bytes(pickle.dumps({"a": 1}, protocol=2))
+    with pytest.raises(CheckpointError, match="not a torch checkpoint"):
+        read_checkpoint(other)
 
     good = tmp_path / "good.ckpt"
     torch_save({"w": Tensor(Storage("0", np.ones(1000, np.float32), "float32"), 0, (1000,), (1,))}, good)

@@ -216,3 +216,61 @@ def test_cli_download_offline_message_and_success(fake, tmp_path):
     r = subprocess.run(cmd + ["--sdxl", f"{hub.SDXL_REPO}/{hub.SDXL_BASE.filename}"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip().splitlines()[-1].split()[-1]).read_bytes() == b"supir-bytes"
+
+
+# ------------------------------------------------------------------ release files (face mode's facexlib networks)
+FACE_DATA = os.urandom(200_000)
+
+
+@pytest.fixture
+def release(fake, monkeypatch):
+    """The detector pinned to a fake release file served by the fake server (size and sha256 of its bytes)."""
+    fake.files[("xinntao/facexlib", "detection_Resnet50_Final.pth")] = FACE_DATA
+    f = hub.ReleaseFile(f"{fake.url}/xinntao/facexlib/resolve/v0.1.0/detection_Resnet50_Final.pth", len(FACE_DATA),
+                        hashlib.sha256(FACE_DATA).hexdigest(), "facexlib")
+    monkeypatch.setitem(hub.FACE_FILES, "detector", f)
+    return f
+
+
+def test_release_file_downloads_verified_into_drop_in_folder_then_offline(fake, release, tmp_path):
+    got = hub.fetch({"faces": [release]}, cache_dir=tmp_path / "hf")
+    assert got["faces"][0] == tmp_path / "home" / "weights" / "facexlib" / "detection_Resnet50_Final.pth"
+    assert got["faces"][0].read_bytes() == FACE_DATA
+    n = len(fake.requests)
+    assert hub.fetch({"faces": [release]}, cache_dir=tmp_path / "hf", offline=True) == got and len(fake.requests) == n
+    assert hub.required_files(captioner="none", faces=True)["faces"][0] == release
+
+
+def test_release_file_resumes_and_rejects_a_wrong_hash(fake, release, tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 16384)
+    fake.drop_after = 100_000
+    with pytest.raises(WeightsUnavailable, match="download interrupted .* run again to resume"):
+        hub.fetch({"faces": [release]}, cache_dir=tmp_path / "hf")
+    part = release.path.with_name(release.filename + ".part")
+    kept = part.stat().st_size
+    assert 0 < kept <= 100_000
+    fake.drop_after = None
+    fake.requests.clear()
+    assert hub.fetch({"faces": [release]}, cache_dir=tmp_path / "hf")["faces"][0].read_bytes() == FACE_DATA
+    assert fake.gets()[0][1] == f"bytes={kept}-" and not part.exists()
+    release.path.unlink()
+    wrong = hub.ReleaseFile(release.url, release.size, "0" * 64, "facexlib")
+    with pytest.raises(WeightsUnavailable, match="checksum mismatch .* the download was removed"):
+        hub.fetch({"faces": [wrong]}, cache_dir=tmp_path / "hf")
+    assert not release.path.exists() and not part.exists()
+
+
+def test_release_file_offline_message_and_a_bad_drop_in(monkeypatch, tmp_path):
+    monkeypatch.setenv("SUPIR_MLX_HOME", str(tmp_path / "home"))
+    need = {"faces": hub.required_files(captioner="none", faces=True)["faces"]}
+    with pytest.raises(WeightsUnavailable) as e:
+        hub.fetch(need, cache_dir=tmp_path / "hf", offline=True)
+    msg = str(e.value)
+    for f in need["faces"]:
+        assert f"{f.url}  ->  {tmp_path / 'home' / 'weights' / 'facexlib' / f.filename}" in msg
+    bad = need["faces"][1].path
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not the parser")
+    with pytest.raises(WeightsUnavailable, match="14 bytes, but parsing_parsenet.pth has 85331193"):
+        hub.fetch({"faces": [need["faces"][1]]}, cache_dir=tmp_path / "hf", offline=True)
+    assert bad.exists()  # a file the user put there is never deleted

@@ -106,12 +106,44 @@ def torch_save(obj, path: Path, root: str = "archive", byteorder: bytes = b"litt
         z.writestr(f"{root}/version", b"3\n")
 
 
-def save_tensors(tensors: dict[str, np.ndarray], path: Path) -> None:
-    """torch.save(state_dict) of float32/float16 numpy arrays, one contiguous storage per tensor."""
+class _LegacyPickler(_TorchPickler):
+    def persistent_id(self, obj):
+        pid = super().persistent_id(obj)
+        return None if pid is None else pid + (None,)
+
+
+def torch_save_legacy(obj, path: Path) -> None:
+    """torch.save(obj, _use_new_zipfile_serialization=False): magic, protocol, system info and the object as
+    pickles, the sorted storage keys, then each storage as its int64 element count and raw bytes."""
+    storages: dict[str, Storage] = {}
+
+    def collect(o):
+        if isinstance(o, Tensor):
+            storages[o.args[0].key] = o.args[0]
+        elif isinstance(o, dict):
+            for v in o.values():
+                collect(v)
+
+    collect(obj)
+    buf = io.BytesIO()
+    for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
+        pickle.dump(header, buf, protocol=2)
+    with _fake_torch_modules():
+        _LegacyPickler(buf, protocol=2).dump(obj)
+    keys = sorted(storages)
+    pickle.dump(keys, buf, protocol=2)
+    for key in keys:
+        buf.write(np.int64(storages[key].numel).tobytes() + storages[key].data)
+    Path(path).write_bytes(buf.getvalue())
+
+
+def save_tensors(tensors: dict[str, np.ndarray], path: Path, legacy: bool = False) -> None:
+    """torch.save(state_dict) of float32/float16 numpy arrays, one contiguous storage per tensor (legacy: the
+    pre-1.6 format)."""
     state = {}
     for i, (k, v) in enumerate(tensors.items()):
         v = np.ascontiguousarray(v)
         kind = "float16" if v.dtype == np.float16 else "float32"
         strides = tuple(int(np.prod(v.shape[j + 1 :])) for j in range(v.ndim))
         state[k] = Tensor(Storage(str(i), v.reshape(-1), kind), 0, tuple(v.shape), strides)
-    torch_save(state, path)
+    (torch_save_legacy if legacy else torch_save)(state, path)

@@ -1,11 +1,13 @@
-"""Reading checkpoint files without PyTorch: `.safetensors` and torch's zip `.ckpt`/`.pt`/`.pth`.
+"""Reading checkpoint files without PyTorch: `.safetensors`, torch's zip `.ckpt`/`.pt`/`.pth`, and the legacy
+(pre-1.6) torch format that older release files such as facexlib's face detector still use.
 
 Both formats are opened as a memory map and described tensor by tensor (dtype, shape, byte offset,
 strides); a tensor is read only when it is asked for, as a numpy view of the map. So a 7 GB SDXL file
 costs no RAM until its tensors are converted, one at a time.
 
 A torch checkpoint is a zip holding `<name>/data.pkl` (a pickle) and one raw record per storage
-(`<name>/data/<key>`). The pickle is replayed by a restricted unpickler that can only rebuild tensors
+(`<name>/data/<key>`); a legacy file is a run of pickles (magic number, protocol, system info, the object,
+the storage keys) followed by each storage as an 8-byte element count and its raw bytes. The pickle is replayed by a restricted unpickler that can only rebuild tensors
 and plain containers: every global it meets is either one of a few tensor-rebuilding functions (which
 we implement ourselves), a known piece of training metadata (turned into an inert placeholder that
 is never called), or refused before anything runs.
@@ -78,10 +80,7 @@ class Checkpoint(Mapping[str, np.ndarray]):
         elif head[8:9] == b"{":
             self._entries, self.dropped = _read_safetensors_header(self.path.name, self._map, self.size), []
         elif head[:1] == b"\x80":
-            raise CheckpointError(
-                f"{self.path.name}: legacy (pre-1.6, non-zip) PyTorch serialization is not supported; "
-                "re-save it with a recent torch.save or convert it to .safetensors"
-            )
+            self._entries, self.dropped = _read_torch_legacy(self.path, self._map, self.size)
         else:
             raise CheckpointError(f"{self.path.name}: not a .safetensors file or a PyTorch zip checkpoint")
 
@@ -353,14 +352,79 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _StorageRef(kind.dtype, key, numel)
 
 
-def unpickle_restricted(data: bytes) -> Any:
-    """Replay a torch pickle with only tensor references and plain data (see module docstring)."""
+class _LegacyUnpickler(_RestrictedUnpickler):
+    """Legacy storage ids carry a sixth field, the view metadata, which torch never set for state dicts; every
+    storage met is recorded (its element size locates the records that follow the pickles)."""
+
+    def __init__(self, stream: Any, seen: dict[str, _StorageRef]):
+        super().__init__(stream)
+        self.seen = seen
+
+    def persistent_load(self, pid: Any) -> _StorageRef:
+        if isinstance(pid, tuple) and len(pid) == 6 and pid[5] is None:
+            st = super().persistent_load(pid[:5])
+            self.seen[st.key] = st
+            return st
+        raise CheckpointError(f"malformed storage reference in the legacy pickle: {pid!r:.80}")
+
+
+def unpickle_restricted(data: bytes | Any, seen: dict[str, _StorageRef] | None = None) -> Any:
+    """Replay a torch pickle with only tensor references and plain data (see module docstring); `data` is the
+    pickle's bytes or a file positioned at it (left just after it); `seen` collects legacy storage ids."""
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
-        return _RestrictedUnpickler(io.BytesIO(data)).load()
+        return (_RestrictedUnpickler(stream) if seen is None else _LegacyUnpickler(stream, seen)).load()
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of a hostile or damaged pickle gets one clear line
         raise CheckpointError(f"corrupt pickle ({type(e).__name__}: {e})") from None
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+
+
+def _state_dict(name: str, obj: Any) -> dict:
+    for _ in range(2):  # the official load_state_dict applies d.get('state_dict', d) twice
+        if isinstance(obj, dict) and "state_dict" in obj:
+            obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{name}: the checkpoint holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def _read_torch_legacy(path: Path, data: mmap.mmap, size: int) -> tuple[dict[str, _Entry], list[str]]:
+    name = path.name
+    data.seek(0)
+    try:
+        if unpickle_restricted(data) != _LEGACY_MAGIC or unpickle_restricted(data) != _LEGACY_PROTOCOL:
+            raise CheckpointError(f"{name}: a pickle file, but not a torch checkpoint")
+        info = unpickle_restricted(data)
+        if isinstance(info, dict) and not info.get("little_endian", True):
+            raise CheckpointError(f"{name}: big-endian checkpoints are not supported")
+        refs: dict[str, _StorageRef] = {}
+        obj = _state_dict(name, unpickle_restricted(data, refs))
+        keys = unpickle_restricted(data)
+    except CheckpointError as e:
+        if "corrupt pickle" in str(e):
+            raise CheckpointError(f"{name}: truncated or corrupt legacy torch checkpoint") from None
+        raise
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise CheckpointError(f"{name}: corrupt legacy torch checkpoint (bad storage key list)")
+    records: dict[str, int] = {}
+    pos = data.tell()
+    for key in keys:
+        st = refs.get(key)
+        if st is None or pos + 8 > size:
+            raise CheckpointError(f"{name}: corrupt or truncated legacy torch checkpoint (storage '{key}')")
+        (numel,) = struct.unpack("<q", data[pos : pos + 8])
+        if numel < st.numel:
+            raise CheckpointError(f"{name}: storage record '{key}' is shorter than its tensors need")
+        records[key] = pos + 8
+        pos += 8 + numel * _ITEMSIZE[st.dtype]
+    if pos > size:
+        raise CheckpointError(f"{name}: truncated legacy torch checkpoint (storage data runs past the end of the file)")
+    return _entries(name, obj, lambda st: records.get(st.key))
 
 
 def _read_torch_zip(path: Path, data: mmap.mmap, size: int) -> tuple[dict[str, _Entry], list[str]]:
@@ -383,22 +447,29 @@ def _read_torch_zip(path: Path, data: mmap.mmap, size: int) -> tuple[dict[str, _
             obj = unpickle_restricted(archive.read(pkls[0]))
         except zipfile.BadZipFile:
             raise CheckpointError(f"{name}: corrupt zip checkpoint (data.pkl is damaged)") from None
-    for _ in range(2):  # the official load_state_dict applies d.get('state_dict', d) twice
-        if isinstance(obj, dict) and "state_dict" in obj:
-            obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{name}: the checkpoint holds a {type(obj).__name__}, not a state dict")
+    records: dict[str, int] = {}
+
+    def record(st: _StorageRef) -> int:
+        if st.key not in records:
+            records[st.key] = _record_offset(name, data, size, members.get(f"{root}data/{st.key}"), st)
+        return records[st.key]
+
+    return _entries(name, _state_dict(name, obj), record)
+
+
+def _entries(name: str, obj: dict, record) -> tuple[dict[str, _Entry], list[str]]:
+    """Tensor entries of a state dict whose storages `record(storage)` locates (byte offset of element 0)."""
     entries: dict[str, _Entry] = {}
     dropped: list[str] = []
-    records: dict[str, int] = {}
     for key, value in obj.items():
         if not (isinstance(key, str) and isinstance(value, _TensorRef)):
             dropped.append(str(key))
             continue
         st = value.storage
-        if st.key not in records:
-            records[st.key] = _record_offset(name, data, size, members.get(f"{root}data/{st.key}"), st)
-        entries[key] = _Entry(st.dtype, value.shape, records[st.key] + value.offset * _ITEMSIZE[st.dtype], value.strides)
+        start = record(st)
+        if start is None:
+            raise CheckpointError(f"{name}: storage record '{st.key}' is missing")
+        entries[key] = _Entry(st.dtype, value.shape, start + value.offset * _ITEMSIZE[st.dtype], value.strides)
     return entries, dropped
 
 

@@ -1,17 +1,24 @@
-"""Loading the face-mode networks (RetinaFace detector, ParseNet parser) from facexlib checkpoints.
+"""The face-mode networks (RetinaFace detector, ParseNet parser): facexlib checkpoints, converted MLX folders.
 
 facexlib saves the detector from a DataParallel wrapper, so its keys carry a 'module.' prefix that
 `init_detection_model` strips; the parser's keys are plain. Both load strictly through `load_official`
-(BatchNorm's `num_batches_tracked` counters are the only keys ignored).
+(BatchNorm's `num_batches_tracked` counters are the only keys ignored). Like the diffusion weights, the
+release files are converted once into an MLX folder (`retinaface.safetensors`, `parsenet.safetensors` and a
+`config.json` with both architectures) in the weight cache; `restore --face-weights DIR` takes such a folder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ..models.parsenet import ParseNet, ParseNetConfig
 from ..models.retinaface import RetinaFace, RetinaFaceConfig
@@ -19,6 +26,12 @@ from .checkpoint import read_checkpoint
 from .loading import load_official
 
 DATA_PARALLEL_PREFIX = "module."
+FACES_FORMAT, FACES_VERSION = "supir-mlx-faces", 1
+FILES = {"retinaface": "retinaface.safetensors", "parsenet": "parsenet.safetensors"}
+
+
+class FaceWeightsError(ValueError):
+    """A face-weights folder that cannot be used (one line, says what to do)."""
 
 
 class Unprefixed(Mapping[str, np.ndarray]):
@@ -63,3 +76,57 @@ def load_parsenet(source, cfg: ParseNetConfig = ParseNetConfig(), dtype: mx.Dtyp
     load_official(model, _weights(source), dtype=dtype)
     model.eval()
     return model
+
+
+def convert_faces(
+    detector, parser, out: str | Path,
+    detector_cfg: RetinaFaceConfig = RetinaFaceConfig(), parser_cfg: ParseNetConfig = ParseNetConfig(),
+) -> Path:
+    """Both networks strictly loaded from facexlib checkpoints (paths or mappings), written as an MLX folder
+    (made under a temporary name, renamed when complete)."""
+    out = Path(out)
+    models = {"retinaface": load_retinaface(detector, detector_cfg), "parsenet": load_parsenet(parser, parser_cfg)}
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, model in models.items():
+        mx.save_safetensors(str(tmp / FILES[name]), dict(tree_flatten(model.parameters())))
+    config = {"format": FACES_FORMAT, "version": FACES_VERSION, "retinaface": asdict(detector_cfg), "parsenet": asdict(parser_cfg)}
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def load_faces(directory: str | Path) -> tuple[RetinaFace, ParseNet]:
+    """(detector, parser) from a converted folder, strictly (every parameter present and of its shape)."""
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise FaceWeightsError(f"{directory}: not a face-weights folder (no readable config.json)") from None
+    if config.get("format") != FACES_FORMAT or config.get("version") != FACES_VERSION:
+        raise FaceWeightsError(f"{directory}: not a face-weights folder of this version; convert the facexlib files again")
+    detector = RetinaFace(RetinaFaceConfig.from_dict(config["retinaface"]))
+    parser = ParseNet(ParseNetConfig.from_dict(config["parsenet"]))
+    for name, model in (("retinaface", detector), ("parsenet", parser)):
+        try:
+            model.load_weights(str(directory / FILES[name]), strict=True)
+        except (OSError, ValueError) as e:
+            raise FaceWeightsError(f"{directory / FILES[name]}: {str(e).splitlines()[0]}") from None
+        model.eval()
+    return detector, parser
+
+
+def ensure_faces(detector_file: Path, parser_file: Path, root: Path | None = None) -> Path:
+    """The converted folder for the two release files, converting them once (keyed by their names and content)."""
+    from .cache import cache_root
+    from .convert import fingerprint
+
+    key = hashlib.sha256(
+        json.dumps([FACES_VERSION] + [[p.name, p.stat().st_size, fingerprint(p)] for p in (detector_file, parser_file)]).encode()
+    ).hexdigest()[:16]
+    entry = (root or cache_root()) / f"faces-{key}"
+    if not (entry / "config.json").is_file():
+        convert_faces(detector_file, parser_file, entry)
+    return entry

@@ -19,6 +19,11 @@ How the ids and names were verified (stored copies of the hub's public listings,
   whose commits say "add remaining llava-1.5-7b-hf files". A wrong name fails with a clear 404 message.
 The CLIP BPE vocabulary both SDXL text encoders use ships with the package (assets/), so no tokenizer
 download is needed for the diffusion model.
+
+Face mode's two small networks are not on the Hugging Face hub: facexlib publishes them as GitHub release
+assets (the URLs facexlib's own init_detection_model / init_parsing_model download). They are pinned by size
+and sha256 (each agreed by several independent listings that verify these exact release files), downloaded
+with resume into the drop-in folder (`weights_dir()/facexlib/`), and verified before use.
 """
 
 from __future__ import annotations
@@ -83,6 +88,37 @@ CAPTIONER_FILES = {
     "13b": _llava("llava-hf/llava-1.5-13b-hf", (4.96, 4.97, 4.88, 4.93, 4.93, 2.02)),
     "7b": _llava("llava-hf/llava-1.5-7b-hf", (4.99, 4.96, 4.18)),
 }
+
+
+@dataclass(frozen=True)
+class ReleaseFile:
+    """A weight file published outside the hub (a release asset), pinned by its size and sha256."""
+
+    url: str
+    size: int
+    sha256: str
+    folder: str  # sub-folder of the drop-in folder it lives in
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[1]
+
+    @property
+    def gb(self) -> float:
+        return self.size / 1e9
+
+    @property
+    def path(self) -> Path:
+        return weights_dir() / self.folder / self.filename
+
+
+_FACEXLIB = "https://github.com/xinntao/facexlib/releases/download"
+FACE_FILES = {
+    "detector": ReleaseFile(f"{_FACEXLIB}/v0.1.0/detection_Resnet50_Final.pth", 109_497_761,
+                            "6d1de9c2944f2ccddca5f5e010ea5ae64a39845a86311af6fdf30841b0a5a16d", "facexlib"),
+    "parser": ReleaseFile(f"{_FACEXLIB}/v0.2.2/parsing_parsenet.pth", 85_331_193,
+                          "3d558d8d0e42c20224f13cf5a29c79eba2d59913419f945545d8cf7b72920de2", "facexlib"),
+}
 SUPIR_MODELS = ("v0Q", "v0F")
 SUPIR_SOURCES = ("pruned", "original")
 CAPTIONERS = ("13b", "7b", "none")
@@ -120,23 +156,27 @@ def parse_source(spec: str) -> Path | HubFile:
 
 
 def required_files(
-    model: str = "v0Q", source: str = "pruned", captioner: str = "13b", sdxl: str | None = None, supir: str | None = None
-) -> dict[str, list[Path | HubFile]]:
-    """What a restore needs, by component: local paths where the user gave them, hub files otherwise."""
+    model: str = "v0Q", source: str = "pruned", captioner: str = "13b", sdxl: str | None = None, supir: str | None = None,
+    faces: bool = False,
+) -> dict[str, list[Path | HubFile | ReleaseFile]]:
+    """What a restore needs, by component: local paths where the user gave them, hub files otherwise; `faces`
+    adds face mode's detector and parser."""
     for name, value, allowed in (("model", model, SUPIR_MODELS), ("source", source, SUPIR_SOURCES), ("captioner", captioner, CAPTIONERS)):
         if value not in allowed:
             raise WeightsUnavailable(f"unknown {name} '{value}' (choose from {', '.join(allowed)})")
-    need: dict[str, list[Path | HubFile]] = {
+    need: dict[str, list[Path | HubFile | ReleaseFile]] = {
         "sdxl": [parse_source(sdxl) if sdxl else SDXL_BASE],
         "supir": [parse_source(supir) if supir else SUPIR_FILES[(model, source)]],
     }
     if captioner != "none":
         need["captioner"] = list(CAPTIONER_FILES[captioner])
+    if faces:
+        need["faces"] = [FACE_FILES["detector"], FACE_FILES["parser"]]
     return need
 
 
 def fetch(
-    need: dict[str, list[Path | HubFile]],
+    need: dict[str, list[Path | HubFile | ReleaseFile]],
     offline: bool = False,
     cache_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
@@ -145,14 +185,14 @@ def fetch(
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
     cache = Path(cache_dir or constants.HF_HUB_CACHE)
     out: dict[str, list[Path]] = {}
-    missing: list[tuple[HubFile, str]] = []
+    missing: list[tuple[HubFile | ReleaseFile, str]] = []
     for component, files in need.items():
         out[component] = []
         for f in files:
             path = f if isinstance(f, Path) else _local(f, cache)
             if path is None and not offline:
                 try:
-                    path = download(f, cache, log)
+                    path = download_release(f, log) if isinstance(f, ReleaseFile) else download(f, cache, log)
                 except _Unreachable as e:
                     missing.append((f, str(e)))
                     offline = True  # no network: list the rest without waiting on each of them
@@ -166,7 +206,7 @@ def fetch(
     return out
 
 
-def missing_message(missing: list[tuple[HubFile, str]], cache: Path) -> str:
+def missing_message(missing: list[tuple[HubFile | ReleaseFile, str]], cache: Path) -> str:
     gb = sum(f.gb for f, _ in missing)
     reason = missing[0][1]
     lines = [
@@ -175,12 +215,21 @@ def missing_message(missing: list[tuple[HubFile, str]], cache: Path) -> str:
         "`supir-mlx download` with network access (they go to the Hugging Face cache "
         f"{cache}). Files:",
     ]
-    lines += [f"  {f.url}  ->  {weights_dir() / f.repo_id.split('/')[1] / f.filename}" for f, _ in missing]
+    lines += [f"  {f.url}  ->  {_drop_path(f)}" for f, _ in missing]
     return "\n".join(lines)
 
 
-def _local(f: HubFile, cache: Path) -> Path | None:
-    dropped = weights_dir() / f.repo_id.split("/")[1] / f.filename
+def _drop_path(f: HubFile | ReleaseFile) -> Path:
+    return f.path if isinstance(f, ReleaseFile) else weights_dir() / f.repo_id.split("/")[1] / f.filename
+
+
+def _local(f: HubFile | ReleaseFile, cache: Path) -> Path | None:
+    if isinstance(f, ReleaseFile):
+        if f.path.is_file():
+            _verify_release(f.path, f, remove=False)
+            return f.path
+        return None
+    dropped = _drop_path(f)
     if dropped.is_file():
         return dropped
     hit = huggingface_hub.try_to_load_from_cache(f.repo_id, f.filename, cache_dir=cache, revision=f.revision)
@@ -230,6 +279,46 @@ def download(f: HubFile, cache: Path, log: Callable[[str], None] = print) -> Pat
         part.rename(blob)
     # The blob is in place, so this only records the snapshot pointer and ref (standard cache layout).
     return Path(huggingface_hub.hf_hub_download(f.repo_id, f.filename, revision=f.revision, cache_dir=cache, endpoint=ep))
+
+
+def download_release(f: ReleaseFile, log: Callable[[str], None] = print) -> Path:
+    """Download a release file into the drop-in folder (resuming a partial one), verify size and sha256."""
+    part = f.path.with_name(f.filename + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    if have > f.size:
+        part.unlink()
+        have = 0
+    log(f"{'Resuming' if have else 'Downloading'} {f.filename} ({_fmt(f.size)})")
+    try:
+        with open(part, "ab") as fh:
+            http_get(f.url, fh, resume_size=have, expected_size=f.size, displayed_filename=f.filename)
+    except Exception as e:  # no network, refused, interrupted: keep the partial file for the next run
+        kept = part.stat().st_size if part.exists() else 0
+        if kept > have:
+            raise WeightsUnavailable(f"{f.filename}: download interrupted ({type(e).__name__}) after {_fmt(kept)}; run again to resume") from None
+        raise _Unreachable(type(e).__name__) from None
+    _verify_release(part, f, remove=True)
+    part.rename(f.path)
+    return f.path
+
+
+def _verify_release(path: Path, f: ReleaseFile, remove: bool) -> None:
+    """Size and sha256 against the pinned values; `remove` deletes a failed download (never a file the user put)."""
+    actual = path.stat().st_size
+    if actual != f.size:
+        if remove:
+            path.unlink()
+        raise WeightsUnavailable(f"{path}: {actual} bytes, but {f.filename} has {f.size}; replace it or delete it and run again")
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    if h.hexdigest() != f.sha256:
+        if remove:
+            path.unlink()
+        what = "the download was removed, run again" if remove else f"replace {path}"
+        raise WeightsUnavailable(f"{f.filename}: checksum mismatch (expected {f.sha256[:12]}, file {h.hexdigest()[:12]}); {what}")
 
 
 def _verify(path: Path, etag: str, size: int | None, f: HubFile) -> None:
