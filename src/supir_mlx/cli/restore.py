@@ -143,7 +143,10 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
 
 def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, preset, settings_from,
              prompt, no_caption, weights, sdxl, supir, source, captioner, captioner_weights, dtype, vae_dtype, quantize,
-             memory_limit, plan_only, draft, offline, quiet, emit, knobs) -> None:
+             memory_limit, plan_only, draft, offline, quiet, emit, knobs, watch=None) -> None:
+    """The restore flow; `watch(process, on_event) -> BatchSummary`, when given, feeds the items instead of the
+    inputs (`supir-mlx watch`)."""
+
     def say(message: str) -> None:  # human output: stdout, or stderr when stdout carries the JSON events
         click.echo(message, err=emit is not None)
 
@@ -162,8 +165,8 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
         if no_caption and prompt is not None:
             raise Fail("--prompt and --no-caption contradict each other")
         settings = settings_for(preset, **{**base, **given})
-        sources = collect_inputs(inputs, recursive)
-        if not sources:
+        sources = collect_inputs(inputs, recursive) if watch is None else []
+        if not sources and watch is None:
             raise Fail("no images found in " + ", ".join(inputs))
         out_dir, ext = output, OUTPUT_FORMATS.get(fmt) if fmt else None
         single_file = output is not None and len(sources) == 1 and output.suffix.lower() in set(OUTPUT_FORMATS.values()) | {".jpeg", ".tiff"}
@@ -185,8 +188,11 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
         _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, captions_given, say)
         return
 
-    quantize, captioner = _fitting_choices(items, settings, weights, dtype, captioner, quantize, memory_limit,
-                                           captions_given)
+    if watch is None:
+        quantize, captioner = _fitting_choices(items, settings, weights, dtype, captioner, quantize, memory_limit,
+                                               captions_given)
+    elif captioner == "auto" and weights:  # images yet to come: the larger captioner when it is there (_load)
+        captioner = "13b"
     restorer = _load(weights, sdxl, supir, settings.model, source, captioner, captioner_weights, dtype, vae_dtype,
                      quantize, memory_limit, offline, captions_given)
     progress = ProgressBar("", enabled=not quiet and sys.stderr.isatty())
@@ -240,7 +246,10 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
         if emit is not None:
             emit(event)
 
-    summary = run_batch(items, process, overwrite=overwrite, on_event=on_event)
+    if watch is None:
+        summary = run_batch(items, process, overwrite=overwrite, on_event=on_event)
+    else:
+        summary = watch(process, on_event)
     if totals:
         say("stage times (all images) and peak memory:")
         for name, (secs, peak) in totals.items():

@@ -144,7 +144,8 @@ def drop_earlier_outputs(inputs: list[Path], output_dir: str | Path | None = Non
 
 
 def run_batch(items: list[BatchItem], process_fn: Callable[[BatchItem], dict[str, Any] | None], *,
-              overwrite: bool = False, on_event: EventCallback | None = None) -> BatchSummary:
+              overwrite: bool = False, on_event: EventCallback | None = None,
+              stop: Callable[[], bool] | None = None) -> BatchSummary:
     """Run `process_fn` on each item; one failure never stops the others.
 
     Existing outputs are skipped unless `overwrite` (that is how a second run resumes). An exception from
@@ -152,13 +153,17 @@ def run_batch(items: list[BatchItem], process_fn: Callable[[BatchItem], dict[str
     been abandoned (the atomic writer leaves no partial file) and returns the summary with `interrupted` set.
     `on_event` receives the batch's events (supir_mlx.events): plan, then per item start and result, skipped or
     error, then summary. What `process_fn` returns (outputs, peak_bytes, caption, provenance) goes into the item's
-    result event.
+    result event. `stop()` true before an item ends the batch there, as an interruption (a watch stopping
+    after the image in progress).
     """
     summary = BatchSummary()
     notify = on_event or (lambda _: None)
     t_batch = time.perf_counter()
     notify(Event("plan", {"count": len(items), "items": [it.tags() for it in items]}))
     for item in items:
+        if stop is not None and stop():
+            summary.interrupted = True
+            break
         if item.output.exists() and not overwrite:
             summary.skipped.append((item, "output exists"))
             notify(Event("skipped", {**item.tags(), "reason": "output exists"}))
