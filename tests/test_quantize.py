@@ -100,3 +100,24 @@ def test_bad_settings_are_clear():
         QuantSpec(group_size=48)
     with pytest.raises(QuantizationError, match="nothing to quantize"):
         quantize(build(), QuantSpec(scope=("conditioner.",)))
+
+
+@pytest.mark.parametrize("bits,bias", [(8, True), (4, False)])
+def test_cpu_linear_equals_mlx_quantized_matmul(bits, bias):
+    """The CPU backend's dequantize-then-BLAS path computes what MLX's quantized matmul computes."""
+    from supir_mlx.weights.quantize import QuantizedLinear
+
+    mx.random.seed(1)
+    lin = nn.Linear(128, 96, bias=bias)
+    q = QuantizedLinear.from_linear(lin, 64, bits)
+    x = mx.random.normal((2, 7, 128))
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)  # the path under test, on any machine
+    try:
+        ours = q(x)
+        reference = nn.QuantizedLinear.__call__(q, x)
+        mx.eval(ours, reference)
+    finally:
+        mx.set_default_device(device)
+    assert ours.shape == reference.shape == (2, 7, 96)
+    assert mx.abs(ours - reference).max().item() < 1e-4 * mx.abs(reference).max().item()

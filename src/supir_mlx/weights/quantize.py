@@ -1,7 +1,7 @@
 """Weight quantization of the big networks (UNet, control encoder, text encoders).
 
-Linear layers become `nn.QuantizedLinear` (MLX's quantized matmul, no dequantized copy ever exists).
-3x3 convolutions, about a third of the UNet's weights, have no quantized kernel in MLX: `QuantizedConv2d`
+Linear layers become `QuantizedLinear` (MLX's quantized matmul, no dequantized copy ever exists; on the
+CPU backend one layer's weight is dequantized per call, see the class). 3x3 convolutions, about a third of the UNet's weights, have no quantized kernel in MLX: `QuantizedConv2d`
 stores them quantized and dequantizes one layer's weight just before its convolution, so at most one
 full-precision conv weight (<= 30 MB at 1280 channels in fp16) lives at a time.
 
@@ -52,6 +52,20 @@ class QuantSpec:
         return QuantSpec(d["bits"], d["group_size"], d["convs"], tuple(d["scope"]))
 
 
+class QuantizedLinear(nn.QuantizedLinear):
+    """`nn.QuantizedLinear`, except on the CPU backend: MLX's CPU quantized matmul is scalar single-threaded
+    code (0.6-1.5 GFLOP/s on SDXL's shapes on a 2-core x86 VM, 65-75x slower than dequantizing and calling
+    BLAS; one 8-bit denoiser call took over 25 minutes), so there the weight is dequantized for the call.
+    Only that layer's full-precision weight exists meanwhile (<= 52 MB: the 10240x1280 GEGLU in float32)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if mx.default_device() != mx.cpu:
+            return super().__call__(x)
+        w = mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size, self.bits, mode=self.mode)
+        w = w.astype(x.dtype).T
+        return mx.addmm(self.bias, x, w) if "bias" in self else x @ w
+
+
 class QuantizedConv2d(nn.Module):
     """A Conv2d whose weight [out, kh, kw, in] is kept quantized along kh*kw*in and dequantized per call."""
 
@@ -89,7 +103,7 @@ def quantize(model: nn.Module, spec: QuantSpec) -> nn.Module:
             return m
         count += 1
         if isinstance(m, nn.Linear):
-            return m.to_quantized(group_size=spec.group_size, bits=spec.bits)
+            return QuantizedLinear.from_linear(m, spec.group_size, spec.bits)
         return QuantizedConv2d(m, spec.group_size, spec.bits)
 
     leaves = tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module)
@@ -103,7 +117,7 @@ def materialize(model: nn.Module) -> None:
     """Evaluate the parameters one leaf module at a time: full-precision inputs of a lazy quantization
     (random or mapped from disk) are then freed layer by layer instead of all being alive at once."""
     for _, m in model.named_modules():
-        if not m.children() or isinstance(m, (nn.QuantizedLinear, QuantizedConv2d)):
+        if not m.children() or isinstance(m, (QuantizedLinear, QuantizedConv2d)):
             mx.eval(m.parameters())
     mx.eval(model.parameters())
 
