@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 
 from supir_mlx.config import SUPIRConfig
 from supir_mlx.weights import cache
-from supir_mlx.weights.quantize import QuantizedConv2d, QuantSpec
+from supir_mlx.weights.quantize import QuantizedConv2d, QuantizedLinear, QuantSpec
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_quantized_entry_loads_quantized_and_close(tiny, tmp_path):
     assert json.loads((d / cache.ENTRY).read_text())["quant"]["bits"] == 8 and not (d / "full").exists()
     q = cache.load(d)
     kinds = {type(m) for _, m in q.model.named_modules()}
-    assert nn.QuantizedLinear in kinds and QuantizedConv2d in kinds
+    assert QuantizedLinear in kinds and QuantizedConv2d in kinds
     assert not any(isinstance(m, nn.QuantizedLinear) for _, m in q.first_stage_model.named_modules())
     w = params(full)["model.diffusion_model.input_blocks.1.0.in_layers.2.weight"]
     conv = q.model.diffusion_model.input_blocks[1][0].in_layers[2]

@@ -213,3 +213,24 @@ def test_cli_offline_without_weights_lists_what_to_download(tmp_path, monkeypatc
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "sd_xl_base_1.0_0.9vae.safetensors" in r.output and "SUPIR-v0Q_fp16.safetensors" in r.output
     assert "supir-mlx download" in r.output and not (tmp_path / "p_supir.png").exists()
+
+
+def test_loading_reads_no_weight_until_a_stage_needs_it(weights):
+    """Loading checks the folder but reads nothing: a staged plan then holds only each stage's part, from the
+    very first stage on (a plan made for weights per stage must not meet them all at load time)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from supir_mlx import Restorer
+
+    before = mx.get_active_memory()
+    r = Restorer.from_weights(weights)
+    sizes = {k: v.nbytes for k, v in tree_flatten(r.model.parameters())}
+    total = sum(sizes.values())
+    vae = sum(n for k, n in sizes.items() if k.startswith("first_stage_model."))
+    assert r.runner.residency.resident == set()
+    assert mx.get_active_memory() - before < 0.02 * total
+    r.runner.use(True, "vae")
+    assert 0.98 * vae <= mx.get_active_memory() - before < vae + 0.02 * total
+    r.runner.use(False)
+    assert mx.get_active_memory() - before >= 0.98 * total

@@ -20,16 +20,18 @@ SUPIR_PARTS = {"vae": ("first_stage_model.",), "text": ("conditioner.",), "denoi
 
 
 class Residency:
-    def __init__(self, model, files: Iterable[str | Path], parts: dict[str, tuple[str, ...]] = SUPIR_PARTS):
+    def __init__(self, model, files: Iterable[str | Path], parts: dict[str, tuple[str, ...]] = SUPIR_PARTS,
+                 loaded: bool = True):
         """`files`: safetensors files holding every parameter of `model` by MLX path, in their stored dtype
         (a converted folder's shards, or a quantized cache entry); `parts`: name -> parameter path prefixes.
-        All parts start resident. The parameters' current dtypes are kept: a part read back is cast exactly as
-        it was when loaded."""
+        `loaded`: the parameters have been read (all parts resident); False when they are still lazy reads of
+        `files` (nothing resident: each part is read when first used, so a staged run never holds them all).
+        The parameters' current dtypes are kept: a part read back is cast exactly as it was when loaded."""
         self.model = model
         self.files = [str(f) for f in files]
         self.parts = parts
         self.dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
-        self.resident = set(parts)
+        self.resident = set(parts) if loaded else set()
 
     def _keys(self, part: str) -> list[str]:
         return [k for k in self.dtypes if k.startswith(self.parts[part])]
@@ -56,8 +58,21 @@ class Residency:
             mx.clear_cache()
         for p in want - self.resident:
             params = dict(tree_flatten(self.model.parameters()))
-            mx.eval([params[k] for k in self._keys(p)])
+            _read([params[k] for k in self._keys(p)])
         self.resident = want
 
     def use_all(self) -> None:
         self.use(*self.parts)
+
+
+def _read(arrays: list[mx.array], chunk_bytes: int = 256 << 20) -> None:
+    """Evaluate lazy weight reads a few hundred MB at a time: one graph over a whole part could read every
+    stored tensor before casting any of them, holding both copies of the part."""
+    group, size = [], 0
+    for a in arrays:
+        group.append(a)
+        size += a.nbytes
+        if size >= chunk_bytes:
+            mx.eval(group)
+            group, size = [], 0
+    mx.eval(group)

@@ -90,11 +90,14 @@ class Restorer:
         memory_limit_gb: float | None = None,
         quant=None,
         weight_files: list[Path] | None = None,
+        lazy: bool = False,
     ):
         """`weight_files`: the safetensors files `model` was loaded from; with them a staged memory plan can
-        release the parts a stage does not need and read them back later (see pipeline.residency)."""
+        release the parts a stage does not need and read them back later (see pipeline.residency).
+        `lazy`: `model`'s parameters are still unread lazy loads of `weight_files`; each part is read when a
+        stage first needs it, so a staged plan never holds every weight at once, not even at load time."""
         self.model = model
-        self.runner = SupirRunner(model, Residency(model, weight_files) if weight_files else None)
+        self.runner = SupirRunner(model, Residency(model, weight_files, loaded=not lazy) if weight_files else None)
         self.captioner_path = Path(captioner) if captioner else None
         self.description = description or {}
         self.memory_limit_gb = memory_limit_gb
@@ -119,12 +122,12 @@ class Restorer:
         from ..weights.convert import load_converted, read_manifest
 
         directory = Path(directory).expanduser()
-        model = load_converted(directory, dtype or default_dtype())
+        model = load_converted(directory, dtype or default_dtype(), lazy=True)
         _set_vae_dtype(model, vae_dtype)
         manifest = read_manifest(directory)
         description = {"weights": str(directory), "sources": [s.get("name") for s in manifest.get("sources", [])]}
         return cls(model, captioner=captioner, description=description, memory_limit_gb=memory_limit_gb,
-                   weight_files=[directory / sh["file"] for sh in manifest["shards"]])
+                   weight_files=[directory / sh["file"] for sh in manifest["shards"]], lazy=True)
 
     @classmethod
     def from_pretrained(
@@ -163,14 +166,14 @@ class Restorer:
         sources = files["sdxl"] + files["supir"]
         quant = QuantSpec(bits=quantize) if quantize else None
         entry = cache.ensure(sources, _dtype_name(dt), quant, log=log)
-        net = cache.load(entry) if quant else load_converted(entry, dt)
+        net = cache.load(entry, lazy=True) if quant else load_converted(entry, dt, lazy=True)
         _set_vae_dtype(net, vae_dtype)
         weight_files = [entry / cache.QUANT_WEIGHTS] if quant else [entry / sh["file"] for sh in read_manifest(entry)["shards"]]
         captioner_dir = _prepare_captioner(captioner, files.get("captioner"), log) if captioner != "none" else None
         description = {"model": f"SUPIR-{model}", "base_checkpoint": Path(files["sdxl"][0]).name,
                        "supir_checkpoint": Path(files["supir"][0]).name, "weights": str(entry)}
         return cls(net, captioner=captioner_dir, description=description, memory_limit_gb=memory_limit_gb, quant=quant,
-                   weight_files=weight_files)
+                   weight_files=weight_files, lazy=True)
 
     # ------------------------------------------------------------------------------------- restore
     def plan(self, width: int, height: int, settings: RestoreSettings | None = None, captioner: bool | None = None):
@@ -302,8 +305,7 @@ def _set_vae_dtype(model: SUPIRModel, vae_dtype: mx.Dtype | str | None) -> None:
     dt = parse_dtype(vae_dtype) if vae_dtype is not None else default_vae_dtype()
     if dt == mx.float16:
         raise ValueError("the VAE cannot run in float16 (it overflows); use float32 or bfloat16")
-    model.first_stage_model.set_dtype(dt)
-    mx.eval(model.first_stage_model.parameters())
+    model.first_stage_model.set_dtype(dt)  # lazy: read (and cast) when a stage first uses the VAE
 
 
 def _prepare_captioner(size: str, files: list[Path] | None, log: Callable[[str], None]) -> Path:

@@ -135,8 +135,9 @@ def _lazy_model(directory: Path):
     return model
 
 
-def load(directory: str | Path):
-    """The SUPIRModel of a cache entry (quantized entries come back quantized), loaded strictly."""
+def load(directory: str | Path, lazy: bool = False):
+    """The SUPIRModel of a cache entry (quantized entries come back quantized), loaded strictly; `lazy` as
+    in convert.load_converted: checked, nothing read yet."""
     from ..models.supir import SUPIRModel
 
     directory = Path(directory)
@@ -146,12 +147,13 @@ def load(directory: str | Path):
         raise CacheError(f"{directory} is not a complete supir-mlx cache entry; delete it to convert again") from None
     spec = QuantSpec.from_dict(entry.get("quant"))
     if spec is None:
-        return conv.load_converted(directory)
+        return conv.load_converted(directory, lazy=lazy)
     model = quantize(SUPIRModel(SUPIRConfig.load(directory / conv.CONFIG)), spec)
     try:
         model.load_weights(str(directory / QUANT_WEIGHTS), strict=True)
     except (ValueError, RuntimeError) as e:
         raise CacheError(f"{directory / QUANT_WEIGHTS}: {str(e).splitlines()[0]}; delete the folder to convert again") from None
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     model.eval()
     return model

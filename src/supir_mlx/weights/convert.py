@@ -203,10 +203,12 @@ def read_manifest(directory: str | Path) -> dict:
     return manifest
 
 
-def load_converted(directory: str | Path, dtype: str | mx.Dtype | None = None):
+def load_converted(directory: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False):
     """The SUPIRModel stored in a converted folder, loaded strictly.
 
     `dtype` None keeps the stored dtypes; otherwise components are cast as component_dtypes(dtype) says.
+    `lazy`: names, shapes and file sizes are checked, but no weight is read until it is evaluated (what a
+    staged restore wants: pipeline.residency reads each part when its stage comes).
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -235,14 +237,16 @@ def load_converted(directory: str | Path, dtype: str | mx.Dtype | None = None):
                 raise ConvertError(f"{path.name}: '{name}' has shape {tuple(arr.shape)}, expected {params[name]}")
             if dtypes is not None and mx.issubdtype(arr.dtype, mx.floating):
                 arr = arr.astype(dtypes[component_of(name)])
-                mx.eval(arr)  # one tensor at a time, so the stored copy is dropped right away
+                if not lazy:
+                    mx.eval(arr)  # one tensor at a time, so the stored copy is dropped right away
             loaded[name] = arr
     missing = sorted(set(params) - set(loaded))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ConvertError(f"{directory}: missing parameter '{missing[0]}'{more}; convert the checkpoints again")
     model.update(tree_unflatten(list(loaded.items())))
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     model.eval()
     return model
 
