@@ -8,3 +8,19 @@ REFERENCE = Path(__file__).parent / "reference"
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory, reference_dir) -> Path:
+    """The tiny random-weight reference checkpoint converted once (fp32) for tests that run whole restores."""
+    from click.testing import CliRunner
+
+    from supir_mlx.cli import main
+
+    out = tmp_path_factory.mktemp("tiny") / "weights"
+    r = CliRunner().invoke(main, [
+        "convert", str(reference_dir / "tiny" / "supir_tiny.safetensors"),
+        "--config", str(reference_dir / "tiny" / "config.json"), "--dtype", "float32", "-o", str(out),
+    ])
+    assert r.exit_code == 0, r.output
+    return out

@@ -19,6 +19,7 @@ COMMANDS = {
     "download": ("supir_mlx.cli.download", "download"),
     "info": ("supir_mlx.cli.info", "info"),
     "restore": ("supir_mlx.cli.restore", "restore"),
+    "studio": ("supir_mlx.cli.studio", "studio"),
     "watch": ("supir_mlx.cli.watch", "watch"),
 }
 

@@ -1,0 +1,78 @@
+"""`supir-mlx studio [FOLDER] [-o OUT]`: the local web app, over the same Restorer as `restore`."""
+
+from __future__ import annotations
+
+import secrets
+import tempfile
+import webbrowser
+from pathlib import Path
+
+import click
+
+from .restore import Fail
+
+EXTRA = 'the studio needs its extra: pip install -e ".[studio]"  (or: pip install "supir-mlx[studio]")'
+
+
+@click.command()
+@click.argument("folder", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder that Save writes into (default: FOLDER, else the current folder).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but 127.0.0.1/localhost exposes the studio on the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True, help="Port (a free one if taken).")
+@click.option("--no-browser", is_flag=True, help="Print the link instead of opening the default browser.")
+@click.option("--max-upload", type=click.FloatRange(1, 10_000), default=200, show_default=True, help="Upload limit in MB.")
+@click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path), help="A folder written by `supir-mlx convert`.")
+@click.option("--sdxl", help="SDXL base checkpoint: local path or owner/repo/file.")
+@click.option("--supir", help="SUPIR checkpoint: local path or owner/repo/file.")
+@click.option("--model", type=click.Choice(["v0Q", "v0F"]), default="v0Q", show_default=True)
+@click.option("--captioner", type=click.Choice(["auto", "13b", "7b", "none"]), default="auto", show_default=True)
+@click.option("--captioner-weights", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]))
+@click.option("--quantize", type=click.Choice(["4", "8"]))
+@click.option("--memory-limit", type=float, help="Memory budget in GB.")
+@click.option("--offline", is_flag=True, help="Never contact the Hugging Face hub.")
+def studio(folder, output, host, port, no_browser, max_upload, weights, sdxl, supir, model, captioner,
+           captioner_weights, dtype, quantize, memory_limit, offline) -> None:
+    """Open the Studio: add photos, edit the caption, watch the restore, compare and save.
+
+    Serves a page on this computer only (unless --host says otherwise); the link it opens carries a secret
+    token without which every request is refused. The model loads once and stays warm between photos.
+    """
+    try:
+        from ..studio.engine import Studio, StudioError
+        from ..studio.server import Server
+    except ImportError as e:
+        if getattr(e, "name", "") and e.name.split(".")[0] in ("starlette", "uvicorn", "anyio"):
+            raise Fail(EXTRA) from None
+        raise
+    from .restore import _load
+
+    out = output or folder or Path.cwd()
+    if out.exists() and not out.is_dir():
+        raise Fail(f"{out}: not a folder")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host}: anyone on the network with the link can use this studio and "
+                   "read its photos", err=True)
+
+    def load():
+        return _load(weights, sdxl, supir, model, "pruned", captioner, captioner_weights, dtype, None, quantize,
+                     memory_limit, offline, captioner == "none")
+
+    work = tempfile.TemporaryDirectory(prefix="supir-studio-")
+    try:
+        engine = Studio(load, out, Path(work.name), folder, max_upload_bytes=int(max_upload * 1e6))
+        server = Server(engine, secrets.token_urlsafe(24), host, port)
+    except (StudioError, OSError) as e:
+        work.cleanup()
+        raise Fail(str(e)) from None
+    engine.start()
+    click.echo(f"supir-mlx studio: {server.url}\n  saving into {out}; Ctrl-C stops", err=True)
+    if not no_browser:
+        webbrowser.open(server.url)
+    try:
+        server.run()
+    finally:
+        engine.stop(timeout=10)
+        work.cleanup()
