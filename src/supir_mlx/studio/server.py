@@ -56,6 +56,12 @@ def _png(image) -> bytes:
 
 def create_app(studio: Studio, token: str) -> TokenGuard:
     images: dict[tuple, bytes] = {}  # encoded once: tabs re-request the same pictures
+    streams: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = set()
+
+    def close_streams() -> None:
+        """End every event stream (uvicorn waits for open responses before it stops)."""
+        for loop, queue in list(streams):
+            loop.call_soon_threadsafe(queue.put_nowait, None)
 
     def cached_png(key: tuple, make) -> Response:
         if key not in images:
@@ -85,6 +91,7 @@ def create_app(studio: Studio, token: str) -> TokenGuard:
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         stop = studio.listen(lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        streams.add((loop, queue))
 
         async def stream():
             try:
@@ -95,9 +102,12 @@ def create_app(studio: Studio, token: str) -> TokenGuard:
                     except asyncio.TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
+                    if ev is None:
+                        return
                     yield f"data: {json.dumps(ev)}\n\n"
             finally:
                 stop()
+                streams.discard((loop, queue))
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
@@ -177,7 +187,9 @@ def create_app(studio: Studio, token: str) -> TokenGuard:
     ]
     app = Starlette(routes=[Mount(f"/{token}", routes=api)],
                     exception_handlers={StudioError: refused, Exception: refused})
-    return TokenGuard(app, token)
+    guard = TokenGuard(app, token)
+    guard.close_streams = close_streams
+    return guard
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -207,9 +219,14 @@ class Server:
         self.studio, self.token = studio, token
         self.sock = bind(host, port)
         self.host, self.port = host, self.sock.getsockname()[1]
-        config = uvicorn.Config(create_app(studio, token), log_level="warning", timeout_graceful_shutdown=2,
-                                lifespan="off")
-        self.uvicorn = uvicorn.Server(config)
+        app = create_app(studio, token)
+
+        class Uvicorn(uvicorn.Server):
+            async def shutdown(self, sockets=None):
+                app.close_streams()  # first, so that open tabs do not hold the shutdown up
+                await super().shutdown(sockets)
+
+        self.uvicorn = Uvicorn(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, lifespan="off"))
         self._thread: threading.Thread | None = None
 
     @property

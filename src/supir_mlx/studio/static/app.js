@@ -188,6 +188,7 @@ function renderProgress() {
   $("progress-text").textContent = text;
   const live = $("live");
   live.hidden = !(j.state === "running" || j.previews > 0 || j.state === "done");
+  $("preview").parentElement.hidden = !j.previews;
   if (j.state === "done") $("stage1").src = `api/jobs/${j.id}/image/stage1`;
   else if (j.state === "running") $("stage1").removeAttribute("src");
 }
@@ -278,7 +279,11 @@ function onEvent(ev) {
     renderProgress();
   } else if (ev.type === "preview" && S) {
     const j = job(ev.job);
-    if (j && j.photo === selected) { $("live").hidden = false; $("preview").src = `api/jobs/${ev.job}/image/preview?n=${ev.n}`; }
+    if (j && j.photo === selected) {
+      $("live").hidden = false;
+      $("preview").parentElement.hidden = false;
+      $("preview").src = `api/jobs/${ev.job}/image/preview?n=${ev.n}`;
+    }
   }
 }
 
