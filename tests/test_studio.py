@@ -123,6 +123,10 @@ def test_plan_restore_save_with_the_edited_caption(served, tmp_path):
 
     job = run_job(server, studio, photo["id"], caption="my grandparents, 1952", upscale=2)
     assert job.state == "done", job.message
+    assert job.previews == 2 and 0 < job.first_preview < job.seconds  # one preview frame per sampler step
+    code, png = request(f"{server.url}api/jobs/{job.id}/image/preview")
+    f = studio.restorer.config.vae.downsample_factor
+    assert code == 200 and Image.open(io.BytesIO(png)).size == (128 // f, 64 // f)  # the latent of 128x64
     code, png = request(f"{server.url}api/jobs/{job.id}/image/result")
     assert code == 200 and Image.open(io.BytesIO(png)).size == (96, 64)
     assert request(f"{server.url}api/jobs/{job.id}/image/stage1")[0] == 200
@@ -183,6 +187,8 @@ def test_two_tabs_see_one_queue_that_runs_one_job_at_a_time_and_cancel_stops_wit
     second = request(server.url + "api/jobs", {**long, "settings": FAST})[1]["id"]
     wait_for(lambda: studio.jobs[first].stage == "sample" and studio.jobs[first].done >= 3, what="sampling")
     assert studio.jobs[second].state == "queued"  # one job at a time
+    code, png = request(f"{server.url}api/jobs/{first}/image/preview")
+    assert code == 200 and Image.open(io.BytesIO(png)).mode == "RGB"  # a frame while it runs
     code, body = request(f"{server.url}api/jobs/{first}/cancel", {})
     at_cancel = body["done"]
     assert code == 200
@@ -199,6 +205,8 @@ def test_two_tabs_see_one_queue_that_runs_one_job_at_a_time_and_cancel_stops_wit
         running = [[j["id"] for j in s["jobs"] if j["state"] == "running"] for s in states]
         assert all(len(r) <= 1 for r in running)
         assert any(second in r for r in running)
+        previews = [e["n"] for e in tab if e["type"] == "preview" and e["job"] == first]
+        assert previews and previews == list(range(1, len(previews) + 1))  # every frame, in order
     key = lambda tab: [(e["type"], e.get("job", {}).get("id"), e.get("job", {}).get("done")) for e in tab
                        if e["type"] == "progress"]
     assert key(tabs[0]) == key(tabs[1])  # both tabs saw the same progress

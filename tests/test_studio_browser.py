@@ -9,7 +9,6 @@ import os
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -79,6 +78,9 @@ def test_restore_in_a_real_browser(browser, tiny_weights, tmp_path):
         wait.until(EC.visibility_of_element_located((By.ID, "result")))
         wait.until(lambda d: d.execute_script("return document.getElementById('after').naturalWidth") == 96)
         assert "done in" in browser.find_element(By.ID, "progress-text").text
+        # the live preview (latent projected to RGB) and the stage-1 image are on the page
+        for image in ("preview", "stage1"):
+            wait.until(lambda d: d.execute_script(f"return document.getElementById('{image}').naturalWidth") > 0)
         shown = browser.find_element(By.ID, "provenance").get_attribute("textContent")
         assert "my grandmother in her garden, 1950s" in shown and "generative reconstruction" in shown.lower()
 

@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from ..io.batch import DEFAULT_PATTERN, BatchItem, collect_inputs, output_path
 from ..io.images import INPUT_EXTENSIONS, ImageError, load_image
-from ..pipeline.settings import COLOR_FIXES, MODELS, PRESETS, SAMPLERS, RestoreSettings, SettingsError, settings_for
+from ..pipeline.settings import COLOR_FIXES, MODELS, SAMPLERS, RestoreSettings, SettingsError, settings_for
+from .preview import fit_projection, project
 
 CHOICES = {"sampler": SAMPLERS, "color_fix": COLOR_FIXES, "model": MODELS}
 OUTPUT_FORMATS = {"png": ".png", "tif": ".tif", "jpg": ".jpg", "webp": ".webp"}
@@ -140,8 +141,9 @@ class Job:
     provenance: dict | None = None
     saved: list[str] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
-    preview: Any = None  # the latest preview frame (PIL image) while sampling
+    preview: Any = None  # the latest preview frame (PIL image at latent resolution)
     previews: int = 0  # number of preview frames published so far
+    first_preview: float | None = None  # seconds from the start of the job to its first preview frame
 
     def to_json(self) -> dict[str, Any]:
         running = self.state == "running"
@@ -149,6 +151,7 @@ class Job:
                 "stage": self.stage, "done": self.done, "total": self.total,
                 "elapsed": round(time.perf_counter() - self.started if running else self.seconds, 2),
                 "eta": None if self.eta is None else round(self.eta, 1), "message": self.message,
+                "first_preview": None if self.first_preview is None else round(self.first_preview, 3),
                 "settings": self.settings.to_dict(), "caption": self.result.caption if self.result else None,
                 "provenance": self.provenance, "saved": self.saved, "previews": self.previews,
                 "peak_gb": round(self.result.peak_memory / 1e9, 3) if self.result else None,
@@ -171,6 +174,7 @@ class Studio:
         self.photos: dict[str, Photo] = {}
         self.jobs: dict[str, Job] = {}
         self.rates: dict[str, float] = {}  # seconds per work unit of each stage, from the last run
+        self.projection = None  # latent -> RGB map for the live preview (preview.fit_projection)
         self._listeners: list[Callable[[dict], None]] = []
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -402,6 +406,7 @@ class Studio:
         s = settings_for(steps=1, min_size=64, prompt="")
         result = restorer.restore(img, s)
         self._learn(64, 64, s, result.stages)
+        self.projection = fit_projection(restorer.runner)
         self._release()
 
     def _execute(self, job: Job) -> None:
@@ -458,22 +463,29 @@ class Studio:
         r = self.restorer
         plan = r.plan(photo.width, photo.height, s)  # a photo that cannot fit fails here, before any work
         units = self._units(plan.width, plan.height, s)
-        later = {"stage1": ("condition", "sample", "decode"), "sample": ("decode",), "decode": ()}
+        later = {"caption": ("stage1", "condition", "sample", "decode"), "stage1": ("condition", "sample", "decode"),
+                 "condition": ("sample", "decode"), "sample": ("decode",), "decode": ()}
 
-        def progress(stage: str, done: int, total: int) -> None:
+        def on_event(ev) -> None:
+            """Stage events after every unit of work (each tile of each step), step events after each step:
+            Cancel raises here, so the sampler stops within one step (within one tile when tiled)."""
             if job.cancel.is_set():
                 raise JobCancelled
-            now = time.perf_counter()
-            if stage != job.stage:
-                job.stage, job.stage_started = stage, now
-            job.done, job.total = done, total
-            left = (now - job.stage_started) / done * (total - done) if done else self.rates.get(stage, 0) * units.get(stage, 0)
-            job.eta = left + sum(self.rates.get(k, 0.0) * units[k] for k in later.get(stage, ()))
-            self._publish({"type": "progress", "job": job.to_json()})
+            if ev.kind == "stage":
+                job.stage, job.done, job.total = ev["stage"], ev["done"], ev["total"]
+                left = ev["time_left"] if ev["time_left"] is not None else self.rates.get(job.stage, 0) * units.get(job.stage, 0)
+                job.eta = left + sum(self.rates.get(k, 0.0) * units[k] for k in later.get(job.stage, ()))
+                self._publish({"type": "progress", "job": job.to_json()})
+            elif ev.kind == "step" and ev.denoised is not None and self.projection is not None:
+                job.preview = project(ev.denoised, self.projection)
+                job.previews += 1
+                if job.first_preview is None:
+                    job.first_preview = time.perf_counter() - job.started
+                self._publish({"type": "preview", "job": job.id, "n": job.previews})
 
-        job.stage = "caption" if s.prompt is None and r.captioner_path is not None else "starting"
+        job.stage = "starting"
         self._publish({"type": "progress", "job": job.to_json()})
-        result = r.restore(loaded.to_pil(), s, progress=progress)
+        result = r.restore(loaded.to_pil(), s, on_event=on_event)
         self._learn(plan.width, plan.height, s, result.stages)
         desc = r.description
         job.provenance = make_provenance(
