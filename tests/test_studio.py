@@ -258,3 +258,62 @@ def test_studio_without_its_extra_names_the_extra(monkeypatch):
     r = CliRunner().invoke(main, ["studio", "--no-browser"])
     assert r.exit_code == 1 and 'pip install -e ".[studio]"' in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_llava_suggests_a_caption_and_the_untouched_one_is_used(tiny_weights, tmp_path, monkeypatch, reference_dir):
+    """With a captioner, each added photo is captioned in the queue; a restore whose caption the user left alone
+    captions exactly as the suggestion did, and an edited caption replaces it."""
+    from test_llava_caption import _write_tokenizer
+
+    from supir_mlx import Restorer
+    from supir_mlx.captioner import Captioner
+    from supir_mlx.weights.llava_convert import convert_llava
+
+    source = tmp_path / "llava-hf"
+    source.mkdir()
+    (source / "model-00001-of-00001.safetensors").write_bytes((reference_dir / "llava" / "llava_tiny.safetensors").read_bytes())
+    (source / "config.json").write_bytes((reference_dir / "llava" / "llava_tiny_config.json").read_bytes())
+    _write_tokenizer(source)
+    llava = convert_llava(source, tmp_path / "llava-4bit", bits=4)
+    caption = Captioner.caption  # the random tiny LM never says </s>: keep its captions short
+    monkeypatch.setattr(Captioner, "caption", lambda self, image, **kw: caption(self, image, **{**kw, "max_new_tokens": 6}))
+
+    with running_studio(lambda: Restorer.from_weights(tiny_weights, captioner=llava), tmp_path / "o",
+                        tmp_path / "w", caption_size=64) as (studio, server):
+        _, photo = upload(server, chart(tmp_path / "p.png", (40, 30)), "p.png")
+        p = wait_for(lambda: (q := studio.photos[photo["id"]]).caption_state not in ("pending",) and q, what="caption")
+        assert p.caption_state == "done" and p.suggestion, p.caption_error
+        _, state = request(server.url + "api/state")
+        assert state["model"]["captioner"] and state["photos"][0]["suggestion"] == p.suggestion
+        untouched = run_job(server, studio, photo["id"], caption=None, caption_size=64)
+        assert untouched.state == "done" and untouched.result.caption == p.suggestion
+        edited = run_job(server, studio, photo["id"], caption="a hand-written caption")
+        assert edited.result.caption == "a hand-written caption"
+
+
+def test_the_studio_command_serves_its_folder_and_stops_cleanly(tiny_weights, tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    chart(folder / "a.png")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "supir-mlx"), "studio", str(folder), "-o", str(tmp_path / "out"),
+                             "--weights", str(tiny_weights), "--no-browser", "--port", "0"],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        while not (found := re.search(r"http://127\.0\.0\.1:\d+/[\w-]{20,}/", proc.stderr.readline())):
+            assert proc.poll() is None, proc.stderr.read()
+        url = found.group(0)
+        wait_for(lambda: request(url + "api/state")[1]["model"]["state"] == "ready", what="the model")
+        _, state = request(url + "api/state")
+        assert [p["name"] for p in state["photos"]] == ["a.png"] and state["out_dir"] == str(tmp_path / "out")
+        assert request(url.rsplit("/", 2)[0] + "/api/state")[0] == 403
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err and "studio stopped" in err, err
+    assert os.listdir(folder) == ["a.png"]  # the folder is only read

@@ -57,7 +57,9 @@ def studio(folder, output, host, port, no_browser, max_upload, weights, sdxl, su
                    "read its photos", err=True)
 
     def load():
-        return _load(weights, sdxl, supir, model, "pruned", captioner, captioner_weights, dtype, None, quantize,
+        # a converted folder names no captioner size: take the 13B one when converted, else the 7B (as `restore`)
+        size = "13b" if weights and captioner == "auto" else captioner
+        return _load(weights, sdxl, supir, model, "pruned", size, captioner_weights, dtype, None, quantize,
                      memory_limit, offline, captioner == "none")
 
     work = tempfile.TemporaryDirectory(prefix="supir-studio-")
@@ -73,6 +75,9 @@ def studio(folder, output, host, port, no_browser, max_upload, weights, sdxl, su
         webbrowser.open(server.url)
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: stopping is the normal end
+        pass
     finally:
         engine.stop(timeout=10)
         work.cleanup()
+    click.echo("studio stopped", err=True)

@@ -163,12 +163,14 @@ class Studio:
     missing-weights error is shown there); `listen(fn)` registers a callback for every event."""
 
     def __init__(self, load: Callable[[], Any], out_dir: Path, work_dir: Path, folder: Path | None = None,
-                 max_upload_bytes: int = 200_000_000, describe: Callable[[Any], dict] | None = None):
+                 max_upload_bytes: int = 200_000_000, caption_size: int = RestoreSettings.caption_size):
+        """`caption_size`: short side of the stage-1 image LLaVA is shown for a photo's suggested caption."""
         self._load = load
         self.out_dir, self.folder = Path(out_dir), folder
         self.uploads = Path(work_dir) / "uploads"
         self.uploads.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = max_upload_bytes
+        self.caption_settings = RestoreSettings(caption_size=caption_size).validate()
         self.restorer = None
         self.model_state, self.model_error = "loading", None
         self.photos: dict[str, Photo] = {}
@@ -251,7 +253,7 @@ class Studio:
             self.photos[photo.id] = photo
             if self.model_state != "failed" and (self.restorer is None or self.restorer.captioner_path is not None):
                 photo.caption_state = "pending"
-                self._enqueue(Job(secrets.token_hex(6), photo.id, "caption", RestoreSettings()))
+                self._enqueue(Job(secrets.token_hex(6), photo.id, "caption", self.caption_settings))
             else:
                 photo.caption_state = "unavailable"
         self._changed()
