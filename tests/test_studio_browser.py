@@ -1,7 +1,8 @@
 """The Studio end to end in a real headless Chromium (Debian's chromium + chromium-driver, driven by Selenium).
 
-Open the page, upload a photo, edit the caption, start, wait for the result, move the slider, zoom, save, then
-check the saved file, its size and its provenance; a token-less request gets 403; a traversal name is refused.
+Open the page, upload a photo, edit the caption, start, wait for the result (live preview and stage-1 image
+shown), move the slider, zoom, save, then check the saved file, its size and its provenance; drop a second photo,
+see the same list and queue in a second tab; a traversal name is refused; a token-less request gets 403.
 SUPIR_STUDIO_SCREENSHOT=path also writes the screenshot there (docs/studio.png is made that way).
 """
 
@@ -108,6 +109,22 @@ def test_restore_in_a_real_browser(browser, tiny_weights, tmp_path):
         prov = read_provenance(saved)
         assert prov["caption"] == "my grandmother in her garden, 1950s"  # the edited caption was used
         assert prov["settings"]["steps"] == 2 and prov["source"] == "grandma.png"
+
+        # drag and drop: a second photo joins the list; a second tab shows the same photos and queue
+        browser.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "fetch(document.querySelector('#photos img').src).then(r => r.blob()).then(blob => {"
+            "  const dt = new DataTransfer(); dt.items.add(new File([blob], 'second.png', {type: 'image/png'}));"
+            "  document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));"
+            "  done(); });")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#photos li")) == 2)
+        first_tab = browser.current_window_handle
+        browser.switch_to.new_window("tab")
+        browser.get(server.url)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#photos li")) == 2)
+        wait.until(EC.text_to_be_present_in_element((By.ID, "queue"), "grandma.png · done"))
+        browser.close()
+        browser.switch_to.window(first_tab)
 
         # the page's own fetch with a traversal name is refused with one sentence, nothing is written
         status = browser.execute_async_script(
