@@ -189,6 +189,8 @@ def test_two_tabs_see_one_queue_that_runs_one_job_at_a_time_and_cancel_stops_wit
     assert studio.jobs[second].state == "queued"  # one job at a time
     code, png = request(f"{server.url}api/jobs/{first}/image/preview")
     assert code == 200 and Image.open(io.BytesIO(png)).mode == "RGB"  # a frame while it runs
+    code, png = request(f"{server.url}api/jobs/{first}/image/stage1")  # and the stage-1 image, before the result
+    assert code == 200 and Image.open(io.BytesIO(png)).size == (40, 30)
     code, body = request(f"{server.url}api/jobs/{first}/cancel", {})
     at_cancel = body["done"]
     assert code == 200
@@ -205,6 +207,7 @@ def test_two_tabs_see_one_queue_that_runs_one_job_at_a_time_and_cancel_stops_wit
         running = [[j["id"] for j in s["jobs"] if j["state"] == "running"] for s in states]
         assert all(len(r) <= 1 for r in running)
         assert any(second in r for r in running)
+        assert [e for e in tab if e["type"] == "stage1" and e["job"] == first]
         previews = [e["n"] for e in tab if e["type"] == "preview" and e["job"] == first]
         assert previews and previews == list(range(1, len(previews) + 1))  # every frame, in order
     key = lambda tab: [(e["type"], e.get("job", {}).get("id"), e.get("job", {}).get("done")) for e in tab

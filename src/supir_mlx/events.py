@@ -48,14 +48,15 @@ STAGES = ("caption", "stage1", "condition", "sample", "decode")
 
 @dataclass
 class Event:
-    """One event: `kind` (a SCHEMA key) and its JSON fields; step events also carry the sampler's tensors for
-    Python callbacks (a live preview), which `to_dict` / `to_json` leave out."""
+    """One event: `kind` (a SCHEMA key) and its JSON fields; step events (and the end of stage 1) also carry
+    tensors for Python callbacks (a live preview), which `to_dict` / `to_json` leave out."""
 
     kind: str
     fields: dict[str, Any]
     time: float = field(default_factory=time.time)
     latent: Any = None  # step: the latent after this step (mx.array NHWC float32, the whole image's latent)
     denoised: Any = None  # step: this step's denoised estimate x0 (same shape); decode it for a preview
+    image: Any = None  # stage "stage1" at done == total: the stage-1 image (mx.array NHWC float32 in [-1, 1])
 
     def __getitem__(self, key: str) -> Any:
         return self.fields[key]
@@ -64,7 +65,7 @@ class Event:
         return self.fields.get(key, default)
 
     def with_fields(self, **extra: Any) -> "Event":
-        return Event(self.kind, {**self.fields, **extra}, self.time, self.latent, self.denoised)
+        return Event(self.kind, {**self.fields, **extra}, self.time, self.latent, self.denoised, self.image)
 
     def to_dict(self) -> dict[str, Any]:
         return {"event": self.kind, "time": round(self.time, 3), **self.fields}
@@ -106,7 +107,7 @@ class StageClock:
         self.callback = callback
         self.stage, self.t0 = None, 0.0
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, image: Any = None) -> None:
         if self.callback is None:
             return
         now = time.perf_counter()
@@ -115,7 +116,7 @@ class StageClock:
         elapsed = now - self.t0
         left = elapsed / done * (total - done) if done else None
         self.callback(Event("stage", {"stage": stage, "done": done, "total": total, "elapsed": round(elapsed, 3),
-                                      "time_left": None if left is None else round(left, 3)}))
+                                      "time_left": None if left is None else round(left, 3)}, image=image))
 
 
 def _json_type(v: Any) -> str:

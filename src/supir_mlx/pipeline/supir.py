@@ -191,7 +191,7 @@ class SupirRunner:
             report("stage1", 1, 2)
             x_stage1 = self.decode(z_lq, vae_tiles)
             mx.eval(x_stage1)
-            report("stage1", 2, 2)
+            report("stage1", 2, 2, image=x_stage1)
             # Draw (1): officially always drawn; the encode itself is only needed for restoration guidance.
             posterior_noise = noise.next(z_lq.shape, mx.float32)
             z_stage1 = None

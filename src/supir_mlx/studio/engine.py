@@ -142,6 +142,7 @@ class Job:
     saved: list[str] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
     preview: Any = None  # the latest preview frame (PIL image at latent resolution)
+    stage1: Any = None  # the stage-1 image (PIL, output size) as soon as stage 1 ends
     previews: int = 0  # number of preview frames published so far
     first_preview: float | None = None  # seconds from the start of the job to its first preview frame
 
@@ -152,6 +153,7 @@ class Job:
                 "elapsed": round(time.perf_counter() - self.started if running else self.seconds, 2),
                 "eta": None if self.eta is None else round(self.eta, 1), "message": self.message,
                 "first_preview": None if self.first_preview is None else round(self.first_preview, 3),
+                "has_stage1": self.stage1 is not None,
                 "settings": self.settings.to_dict(), "caption": self.result.caption if self.result else None,
                 "provenance": self.provenance, "saved": self.saved, "previews": self.previews,
                 "peak_gb": round(self.result.peak_memory / 1e9, 3) if self.result else None,
@@ -458,13 +460,18 @@ class Studio:
         self.rates["caption"] = time.perf_counter() - job.started
 
     def _restore(self, job: Job, photo: Photo) -> None:
+        import numpy as np
+        from PIL import Image
+
         from ..io.metadata import make_provenance
+        from ..pipeline.preprocess import processing_size, tensor_to_image
 
         loaded = load_image(photo.path)
         s = job.settings
         r = self.restorer
         plan = r.plan(photo.width, photo.height, s)  # a photo that cannot fit fails here, before any work
         units = self._units(plan.width, plan.height, s)
+        _, _, h0, w0 = processing_size(photo.width, photo.height, s.upscale, s.min_size)
         later = {"caption": ("stage1", "condition", "sample", "decode"), "stage1": ("condition", "sample", "decode"),
                  "condition": ("sample", "decode"), "sample": ("decode",), "decode": ()}
 
@@ -474,6 +481,9 @@ class Studio:
             if job.cancel.is_set():
                 raise JobCancelled
             if ev.kind == "stage":
+                if ev.image is not None:
+                    job.stage1 = Image.fromarray(tensor_to_image(np.array(ev.image[0]), h0, w0))
+                    self._publish({"type": "stage1", "job": job.id})
                 job.stage, job.done, job.total = ev["stage"], ev["done"], ev["total"]
                 left = ev["time_left"] if ev["time_left"] is not None else self.rates.get(job.stage, 0) * units.get(job.stage, 0)
                 job.eta = left + sum(self.rates.get(k, 0.0) * units[k] for k in later.get(job.stage, ()))

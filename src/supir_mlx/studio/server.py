@@ -157,9 +157,10 @@ def create_app(studio: Studio, token: str) -> TokenGuard:
             if frame is None:
                 raise StudioError("no preview yet")
             return Response(_png(frame), media_type="image/png", headers={"Cache-Control": "no-store"})
-        if job.result is None or kind not in ("result", "stage1"):
-            raise StudioError("no such image")
-        return cached_png((job.id, kind), lambda: job.result.image if kind == "result" else job.result.stage1)
+        image = job.stage1 if kind == "stage1" else job.result.image if kind == "result" and job.result else None
+        if image is None:
+            raise StudioError("no such image (yet)")
+        return cached_png((job.id, kind), lambda: image)
 
     async def save(request: Request) -> Response:
         d = await body_json(request)

@@ -189,8 +189,9 @@ function renderProgress() {
   const live = $("live");
   live.hidden = !(j.state === "running" || j.previews > 0 || j.state === "done");
   $("preview").parentElement.hidden = !j.previews;
-  if (j.state === "done") $("stage1").src = `api/jobs/${j.id}/image/stage1`;
-  else if (j.state === "running") $("stage1").removeAttribute("src");
+  const stage1 = `api/jobs/${j.id}/image/stage1`;
+  if (j.has_stage1 && $("stage1").getAttribute("src") !== stage1) $("stage1").src = stage1;
+  else if (!j.has_stage1) $("stage1").removeAttribute("src");
 }
 
 // --------------------------------------------------------------------------------------- result
@@ -276,6 +277,10 @@ function onEvent(ev) {
     const i = S.jobs.findIndex((j) => j.id === ev.job.id);
     if (i >= 0) S.jobs[i] = ev.job;
     renderQueue();
+    renderProgress();
+  } else if (ev.type === "stage1" && S) {
+    const j = job(ev.job);
+    if (j) j.has_stage1 = true;
     renderProgress();
   } else if (ev.type === "preview" && S) {
     const j = job(ev.job);
