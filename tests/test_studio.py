@@ -182,6 +182,9 @@ def test_two_tabs_see_one_queue_that_runs_one_job_at_a_time_and_cancel_stops_wit
         r.start()
     wait_for(lambda: all(tabs), what="both streams")
 
+    import mlx.core as mx
+
+    held = mx.get_active_memory()  # the warm model
     long = {"photo": photo, "caption": "", "settings": {**FAST, "steps": 400}}
     first = request(server.url + "api/jobs", long)[1]["id"]
     second = request(server.url + "api/jobs", {**long, "settings": FAST})[1]["id"]
@@ -197,7 +200,12 @@ def test_two_tabs_see_one_queue_that_runs_one_job_at_a_time_and_cancel_stops_wit
     wait_for(lambda: studio.jobs[first].state == "cancelled", timeout=30, what="the cancel")
     assert studio.jobs[first].done <= at_cancel + 1 < 400  # stopped within one sampler step
     wait_for(lambda: studio.jobs[second].state == "done", what="the queued job")  # the queue goes on
+    # the cancelled and the finished job leave nothing in MLX memory beyond the warm model
+    wait_for(lambda: mx.get_active_memory() - held < 2_000_000, timeout=10, what="the jobs' memory to be released")
 
+    finished = lambda tab: any(e["type"] == "state" and any(j["id"] == second and j["state"] == "done"
+                                                            for j in e["state"]["jobs"]) for e in list(tab))
+    wait_for(lambda: all(finished(t) for t in tabs), what="both tabs to see the end")
     stop.set()
     for tab in tabs:
         progress = [e["job"]["done"] for e in tab if e["type"] == "progress" and e["job"]["id"] == first
