@@ -328,3 +328,24 @@ def test_the_studio_command_serves_its_folder_and_stops_cleanly(tiny_weights, tm
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in err and "studio stopped" in err, err
     assert os.listdir(folder) == ["a.png"]  # the folder is only read
+
+
+def test_a_draft_restores_the_centred_crop_and_saves_it_as_a_draft(served, tmp_path, monkeypatch):
+    """As `restore --draft`: the crop's own plan, the crop restored, compared with the same crop, saved as _draft."""
+    from supir_mlx.pipeline import restore
+
+    studio, server, root = served
+    full = restore.draft_box
+    monkeypatch.setattr(restore, "draft_box", lambda w, h, s: full(w, h, s, side=64))  # a 64-px tile keeps it fast
+    _, photo = upload(server, chart(tmp_path / "wide.png", (120, 80)), "wide.png")
+    code, plan = request(server.url + "api/plan", {"photo": photo["id"], "settings": FAST, "draft": True})
+    assert code == 200 and "for a 64x64 output" in plan["plan"]
+    code, body = request(server.url + "api/jobs", {"photo": photo["id"], "settings": FAST, "caption": "", "draft": True})
+    job = wait_for(lambda: studio.jobs[body["id"]].state not in ("queued", "running") and studio.jobs[body["id"]])
+    assert job.state == "done" and job.result.image.size == (64, 64)
+    code, png = request(f"{server.url}api/jobs/{job.id}/image/input")
+    expected = np.asarray(Image.open(tmp_path / "wide.png"))[8:72, 28:92]  # the centred 64x64 crop
+    assert code == 200 and np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), expected)
+    code, saved = request(f"{server.url}api/jobs/{job.id}/save", {})
+    assert code == 200 and saved["saved"] == "wide_supir_draft.png"
+    assert Image.open(root / "out" / "wide_supir_draft.png").size == (64, 64)

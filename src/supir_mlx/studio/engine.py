@@ -115,6 +115,26 @@ class Photo:
     suggestion: str | None = None  # LLaVA's caption of the stage-1 image
     caption_error: str | None = None
 
+    def box(self, settings: RestoreSettings, draft: bool) -> tuple[int, int, int, int]:
+        """The part of the photo a restore works on: all of it, or the draft's centred crop (as `restore --draft`)."""
+        from ..pipeline.restore import draft_box
+
+        return draft_box(self.width, self.height, settings) if draft else (0, 0, self.width, self.height)
+
+    def size(self, settings: RestoreSettings, draft: bool) -> tuple[int, int]:
+        left, top, right, bottom = self.box(settings, draft)
+        return right - left, bottom - top
+
+    def load(self, settings: RestoreSettings, draft: bool):
+        from dataclasses import replace
+
+        loaded = load_image(self.path)
+        if not draft:
+            return loaded
+        left, top, right, bottom = self.box(settings, draft)
+        return replace(loaded, rgb=loaded.rgb[top:bottom, left:right],
+                       alpha=None if loaded.alpha is None else loaded.alpha[top:bottom, left:right])
+
     def to_json(self, jobs: list["Job"]) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "width": self.width, "height": self.height,
                 "caption_state": self.caption_state, "suggestion": self.suggestion, "caption_error": self.caption_error,
@@ -128,6 +148,7 @@ class Job:
     kind: str  # "restore" or "caption"
     settings: RestoreSettings
     preset: str = "default"
+    draft: bool = False  # restore only the centred crop of about one 1024-px tile, saved as <name>_draft
     state: str = "queued"  # queued | running | done | failed | cancelled
     stage: str = ""
     done: int = 0
@@ -148,7 +169,8 @@ class Job:
 
     def to_json(self) -> dict[str, Any]:
         running = self.state == "running"
-        return {"id": self.id, "photo": self.photo_id, "kind": self.kind, "preset": self.preset, "state": self.state,
+        return {"id": self.id, "photo": self.photo_id, "kind": self.kind, "preset": self.preset, "draft": self.draft,
+                "state": self.state,
                 "stage": self.stage, "done": self.done, "total": self.total,
                 "elapsed": round(time.perf_counter() - self.started if running else self.seconds, 2),
                 "eta": None if self.eta is None else round(self.eta, 1), "message": self.message,
@@ -298,8 +320,8 @@ class Studio:
         return j
 
     # ----------------------------------------------------------------------------------- planning
-    def plan(self, pid: str, settings: RestoreSettings) -> dict[str, Any]:
-        """The memory plan and a time estimate for restoring photo `pid` with `settings` (no work done)."""
+    def plan(self, pid: str, settings: RestoreSettings, draft: bool = False) -> dict[str, Any]:
+        """The memory plan and a time estimate for restoring photo `pid` (or its draft crop) with `settings`."""
         from ..memory import MemoryPlanError
 
         photo = self.photo(pid)
@@ -308,7 +330,7 @@ class Studio:
             return {"plan": None, "fits": None, "estimate": None,
                     "message": self.model_error or "the model is still loading"}
         try:
-            p = r.plan(photo.width, photo.height, settings)
+            p = r.plan(*photo.size(settings, draft), settings)
         except MemoryPlanError as e:
             return {"plan": None, "fits": False, "estimate": None, "message": f"{photo.name} cannot fit in memory: {one_line(e)}"}
         caption = settings.prompt is None and r.captioner_path is not None and photo.suggestion is None
@@ -334,11 +356,11 @@ class Studio:
                 self.rates[name] = st.seconds / units[name]
 
     # --------------------------------------------------------------------------------------- jobs
-    def submit(self, pid: str, settings: RestoreSettings, preset: str = "default") -> Job:
+    def submit(self, pid: str, settings: RestoreSettings, preset: str = "default", draft: bool = False) -> Job:
         photo = self.photo(pid)
         if self.model_state == "failed":
             raise StudioError(self.model_error)
-        job = Job(secrets.token_hex(6), photo.id, "restore", settings, preset)
+        job = Job(secrets.token_hex(6), photo.id, "restore", settings, preset, bool(draft))
         with self._wake:
             self._enqueue(job)
         self._changed()
@@ -466,12 +488,12 @@ class Studio:
         from ..io.metadata import make_provenance
         from ..pipeline.preprocess import processing_size, tensor_to_image
 
-        loaded = load_image(photo.path)
         s = job.settings
+        loaded = photo.load(s, job.draft)
         r = self.restorer
-        plan = r.plan(photo.width, photo.height, s)  # a photo that cannot fit fails here, before any work
+        plan = r.plan(*loaded.size, s)  # a photo that cannot fit fails here, before any work
         units = self._units(plan.width, plan.height, s)
-        _, _, h0, w0 = processing_size(photo.width, photo.height, s.upscale, s.min_size)
+        _, _, h0, w0 = processing_size(*loaded.size, s.upscale, s.min_size)
         later = {"caption": ("stage1", "condition", "sample", "decode"), "stage1": ("condition", "sample", "decode"),
                  "condition": ("sample", "decode"), "sample": ("decode",), "decode": ()}
 
@@ -520,14 +542,15 @@ class Studio:
         if bits not in (None, 8, 16) or not (isinstance(jpeg_quality, int) and 1 <= jpeg_quality <= 100):
             raise StudioError("bits must be 8 or 16 and the JPEG quality 1-100")
         photo = self.photos[job.photo_id]
-        out = output_path(Path(photo.name), 1, self.out_dir, DEFAULT_PATTERN, OUTPUT_FORMATS.get(fmt) if fmt else None)
+        pattern = DEFAULT_PATTERN.replace("{ext}", "_draft{ext}") if job.draft else DEFAULT_PATTERN  # as --draft
+        out = output_path(Path(photo.name), 1, self.out_dir, pattern, OUTPUT_FORMATS.get(fmt) if fmt else None)
         if out.resolve().parent != self.out_dir.resolve():  # names are checked on the way in; this is the backstop
             raise StudioError(f"{out.name}: refusing to write outside {self.out_dir}")
         if out.exists() and not overwrite:
             raise StudioError(f"{out.name} already exists in {self.out_dir}; tick 'replace' to overwrite it")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
-            _save(BatchItem(1, Path(photo.name), out), load_image(photo.path), job.result, self.restorer,
+            _save(BatchItem(1, Path(photo.name), out), photo.load(job.settings, job.draft), job.result, self.restorer,
                   str(bits) if bits else None, fmt, jpeg_quality, overwrite, False)
         except ImageError as e:
             raise StudioError(one_line(e)) from None

@@ -138,13 +138,13 @@ def create_app(studio: Studio, token: str) -> TokenGuard:
     async def plan(request: Request) -> Response:
         d = await body_json(request)
         s = parse_settings(d.get("preset", "default"), d.get("settings", {}), d.get("caption"))
-        return JSONResponse(await run_in_threadpool(studio.plan, str(d.get("photo", "")), s))
+        return JSONResponse(await run_in_threadpool(studio.plan, str(d.get("photo", "")), s, d.get("draft") is True))
 
     async def submit(request: Request) -> Response:
         d = await body_json(request)
         preset = d.get("preset", "default")
         s = parse_settings(preset, d.get("settings", {}), d.get("caption"))
-        return JSONResponse({"id": studio.submit(str(d.get("photo", "")), s, str(preset)).id})
+        return JSONResponse({"id": studio.submit(str(d.get("photo", "")), s, str(preset), d.get("draft") is True).id})
 
     def cancel(request: Request) -> Response:
         return JSONResponse(studio.cancel(request.path_params["jid"]).to_json())
@@ -152,6 +152,9 @@ def create_app(studio: Studio, token: str) -> TokenGuard:
     def job_image(request: Request) -> Response:
         job = studio.job(request.path_params["jid"])
         kind = request.path_params["kind"]
+        if kind == "input":  # what the result is compared with: the photo, or the draft's crop of it
+            photo = studio.photo(job.photo_id)
+            return cached_png((job.id, kind), lambda: photo.load(job.settings, job.draft).to_pil())
         if kind == "preview":
             frame = job.preview
             if frame is None:

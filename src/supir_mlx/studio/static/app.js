@@ -107,6 +107,7 @@ $("preset").addEventListener("change", (e) => { mine(selected).preset = e.target
 $("reset-knobs").addEventListener("click", () => { mine(selected).edited = {}; renderKnobs(); schedulePlan(); });
 $("caption").addEventListener("input", (e) => { const st = mine(selected); st.caption = e.target.value; st.captionEdited = true; });
 $("caption").addEventListener("change", schedulePlan);
+$("draft").addEventListener("change", schedulePlan);
 
 function captionToSend(p) {
   const st = mine(p.id);
@@ -115,7 +116,7 @@ function captionToSend(p) {
 }
 function request(p) {
   const st = mine(p.id);
-  return { photo: p.id, preset: st.preset, settings: st.edited, caption: captionToSend(p) };
+  return { photo: p.id, preset: st.preset, settings: st.edited, caption: captionToSend(p), draft: $("draft").checked };
 }
 
 function schedulePlan() {
@@ -202,14 +203,15 @@ function renderResult() {
   box.hidden = false;
   const st = mine(p.id);
   if (!st.result || !p.results.includes(st.result)) st.result = p.results[p.results.length - 1];
-  const label = (id, i) => { const j = job(id); return `${i + 1}: ${j.preset}, seed ${j.settings.seed}, ${j.settings.steps} steps`; };
+  const label = (id, i) => { const j = job(id); return `${i + 1}: ${j.draft ? "draft, " : ""}${j.preset}, seed ${j.settings.seed}, ${j.settings.steps} steps`; };
   $("result-pick").replaceChildren(...p.results.map((id, i) => new Option(label(id, i), id)));
   $("result-pick").value = st.result;
-  $("before-pick").replaceChildren(new Option("the original", "original"), ...p.results.filter((id) => id !== st.result).map((id) => new Option(`result ${label(id, p.results.indexOf(id))}`, id)));
-  if (st.before !== "original" && !p.results.includes(st.before)) st.before = "original";
+  const same = (id) => job(id).draft === job(st.result).draft;  // a draft compares with drafts only (same crop)
+  $("before-pick").replaceChildren(new Option("the original", "original"), ...p.results.filter((id) => id !== st.result && same(id)).map((id) => new Option(`result ${label(id, p.results.indexOf(id))}`, id)));
+  if (st.before !== "original" && !(p.results.includes(st.before) && same(st.before))) st.before = "original";
   $("before-pick").value = st.before;
   const after = `api/jobs/${st.result}/image/result`;
-  const before = st.before === "original" ? `api/photos/${p.id}/image` : `api/jobs/${st.before}/image/result`;
+  const before = st.before === "original" ? `api/jobs/${st.result}/image/input` : `api/jobs/${st.before}/image/result`;
   if ($("after").getAttribute("src") !== after) $("after").src = after;
   if ($("before").getAttribute("src") !== before) $("before").src = before;
   const j = job(st.result);
