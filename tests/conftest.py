@@ -24,3 +24,13 @@ def tiny_weights(tmp_path_factory, reference_dir) -> Path:
     ])
     assert r.exit_code == 0, r.output
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def config_dir(tmp_path_factory) -> Path:
+    """A private config folder: the self-signed Content Credentials key is made there, not in the user's."""
+    import os
+
+    folder = tmp_path_factory.mktemp("config")
+    os.environ["SUPIR_MLX_CONFIG"] = str(folder)
+    return folder

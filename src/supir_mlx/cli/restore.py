@@ -71,6 +71,10 @@ def _clock(s: float) -> str:
 @click.option("-r", "--recursive", is_flag=True, help="Look into sub-folders of input folders.")
 @click.option("--overwrite", is_flag=True, help="Redo outputs that already exist (default: skip them, which resumes a batch).")
 @click.option("--compare", is_flag=True, help="Also write a before/after image <name>_compare next to each output.")
+@click.option("--fidelity-map", is_flag=True, help="Also write <name>_fidelity.png: where the output departs from what the input supports.")
+@click.option("--no-credentials", is_flag=True, help="Do not embed C2PA Content Credentials.")
+@click.option("--signing-cert", type=click.Path(dir_okay=False, path_type=Path), help="PEM certificate chain for the Content Credentials (default: credentials.json in the config folder, else a self-signed pair).")
+@click.option("--signing-key", type=click.Path(dir_okay=False, path_type=Path), help="PEM private key of --signing-cert.")
 @click.option("--preset", type=click.Choice(["default", "quality", "fidelity", "lightning", "lightning-fidelity"]), default="default", show_default=True)
 @click.option("--settings-from", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Repeat the settings recorded in an earlier output.")
 # prompt
@@ -120,9 +124,10 @@ def _clock(s: float) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "json_events", is_flag=True,
               help="Progress and results as JSON Lines events on stdout (README: Events); human output on stderr.")
-def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, preset, settings_from,
-            prompt, no_caption, weights, sdxl, supir, source, captioner, captioner_weights, dtype, vae_dtype, quantize,
-            memory_limit, plan_only, draft, offline, quiet, json_events, **knobs) -> None:
+def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, fidelity_map,
+            no_credentials, signing_cert, signing_key, preset, settings_from, prompt, no_caption, weights, sdxl, supir,
+            source, captioner, captioner_weights, dtype, vae_dtype, quantize, memory_limit, plan_only, draft, offline,
+            quiet, json_events, **knobs) -> None:
     """Restore photos (files, folders or glob patterns) with SUPIR.
 
     Outputs are generative reconstructions: detail is synthesised, not recovered; every output says so in its
@@ -134,7 +139,8 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
     try:
         _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, preset,
                  settings_from, prompt, no_caption, weights, sdxl, supir, source, captioner, captioner_weights, dtype,
-                 vae_dtype, quantize, memory_limit, plan_only, draft, offline, quiet, emit, knobs)
+                 vae_dtype, quantize, memory_limit, plan_only, draft, offline, quiet, emit, knobs,
+                 honest=(fidelity_map, no_credentials, signing_cert, signing_key))
     except click.ClickException as e:
         if emit is not None:  # a program reading the events learns why nothing (more) happened
             emit(Event("error", {"message": e.format_message()}))
@@ -143,10 +149,11 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
 
 def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, preset, settings_from,
              prompt, no_caption, weights, sdxl, supir, source, captioner, captioner_weights, dtype, vae_dtype, quantize,
-             memory_limit, plan_only, draft, offline, quiet, emit, knobs, watch=None) -> None:
+             memory_limit, plan_only, draft, offline, quiet, emit, knobs, watch=None,
+             honest=(False, False, None, None)) -> None:
     """The restore flow; `watch(process, on_event) -> BatchSummary`, when given, feeds the items instead of the
-    inputs (`supir-mlx watch`)."""
-
+    inputs (`supir-mlx watch`). `honest`: (fidelity_map, no_credentials, signing_cert, signing_key).
+    """
     def say(message: str) -> None:  # human output: stdout, or stderr when stdout carries the JSON events
         click.echo(message, err=emit is not None)
 
@@ -187,6 +194,10 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
     if plan_only:
         _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, captions_given, say)
         return
+    fidelity_map, no_credentials, signing_cert, signing_key = honest
+    if no_credentials and (signing_cert or signing_key):
+        raise Fail("--no-credentials contradicts --signing-cert/--signing-key")
+    credentials = None if no_credentials else _credentials(signing_cert, signing_key)
 
     if watch is None:
         quantize, captioner = _fitting_choices(items, settings, weights, dtype, captioner, quantize, memory_limit,
@@ -228,7 +239,8 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
             totals.setdefault(name, [0.0, 0])
             totals[name][0] += st.seconds
             totals[name][1] = max(totals[name][1], st.peak_bytes)
-        written, prov = _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, compare)
+        written, prov = _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, compare,
+                              fidelity_map, credentials, preset)
         seconds = time.perf_counter() - t0
         say(f"  {item.input} -> {item.output}  ({seconds:.1f} s, peak {result.peak_memory / 1e9:.2f} GB)"
             + (f"\n    caption: {result.caption[:120]}" if result.caption and prompt is None else ""))
@@ -264,10 +276,11 @@ def _without_earlier_outputs(sources, inputs, out_dir, pattern, ext, num_samples
     picks it up again, so that running a command a second time resumes it; named files are always kept."""
     from ..io.batch import drop_earlier_outputs
     from ..io.compare import compare_path
+    from ..pipeline.fidelity import fidelity_path
 
     def variants(out: Path) -> list[Path]:
         samples = [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(1, num_samples)]
-        return [*samples, *(compare_path(p) for p in (out, *samples))]
+        return [*samples, *(f(p) for p in (out, *samples) for f in (compare_path, fidelity_path))]
 
     named = [p for p in inputs if Path(p).is_file()]
     return drop_earlier_outputs(sources, out_dir, pattern, ext, keep=named, variants=variants)
@@ -316,7 +329,28 @@ def provenance_summary(prov: dict) -> dict:
             "settings": {k: prov["settings"][k] for k in keys if k in prov["settings"]}}
 
 
-def _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, compare) -> tuple[list[Path], dict]:
+def _credentials(cert, key):
+    """The Content Credentials signer, checked before any work; None (said once) without the optional library."""
+    from ..io.credentials import Credentials, CredentialsError, CredentialsUnavailable
+
+    try:
+        creds = Credentials.load(cert, key)
+    except CredentialsUnavailable as e:
+        if cert or key:
+            raise Fail(str(e)) from None
+        click.echo(f"note: Content Credentials (C2PA) not added: {e}; outputs still carry the IPTC digital source "
+                   "type and the provenance record", err=True)
+        return None
+    except CredentialsError as e:
+        raise Fail(str(e)) from None
+    if creds.identity.created:
+        click.echo(f"note: made a self-signed key for Content Credentials in {creds.identity.origin}; give your own "
+                   "with --signing-cert/--signing-key or credentials.json there", err=True)
+    return creds
+
+
+def _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, compare, fidelity_map=False,
+          credentials=None, preset=None) -> tuple[list[Path], dict]:
     """Write every sample (and its comparison) atomically; the files written and the provenance record."""
     import numpy as np
     from PIL import Image
@@ -340,8 +374,18 @@ def _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, co
     for i, pixels in enumerate(result.pixels):
         path = item.output if i == 0 else item.output.with_name(f"{item.output.stem}_{i}{item.output.suffix}")
         rgb = pixels if out_bits == 16 else np.asarray(result.images[i])
+        record = prov
+        if fidelity_map:  # written first: the output's existence is what marks this item done
+            from ..pipeline.fidelity import fidelity_path
+
+            fm = result.fidelity(i)
+            save_image(fidelity_path(path), fm.render(pixels), overwrite=True)  # left by an unfinished run
+            written.append(fidelity_path(path))
+            record = {**prov, "fidelity": {**fm.summary(), "map": fidelity_path(path).name}}
+        sign = credentials.for_output(record, item.input, path.name, preset) if credentials else None
         save_image(path, rgb, bits=out_bits, format=fmt, jpeg_quality=jpeg_quality, alpha=alpha,
-                   exif=loaded.exif, xmp=loaded.xmp, iptc=loaded.iptc, provenance=prov, overwrite=overwrite)
+                   exif=loaded.exif, xmp=loaded.xmp, iptc=loaded.iptc, provenance=record, overwrite=overwrite,
+                   sign=sign)
         written.append(path)
         if compare:
             from ..io.compare import compare_path, write_compare

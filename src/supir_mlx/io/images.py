@@ -19,7 +19,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
@@ -300,7 +300,8 @@ def atomic_write(path: str | Path, overwrite: bool = False) -> Iterator[Any]:
 def save_image(path: str | Path, rgb: np.ndarray, *, bits: int = 8, format: str | None = None,
                jpeg_quality: int = 95, alpha: np.ndarray | None = None, icc: str | bytes | None = "srgb",
                exif: bytes | None = None, xmp: bytes | None = None, iptc: dict | bytes | None = None,
-               provenance: dict | None = None, overwrite: bool = False) -> Path:
+               provenance: dict | None = None, overwrite: bool = False,
+               sign: Callable[[str, Any, Any], None] | None = None) -> Path:
     """Write H x W x 3 pixels (uint8, uint16, or float in [0, 1]) atomically.
 
     `format` defaults to the extension's. `alpha` (H x W) is stored where the format can (PNG, TIFF, WebP) and
@@ -308,7 +309,8 @@ def save_image(path: str | Path, rgb: np.ndarray, *, bits: int = 8, format: str 
     converts the 8-bit pixels from sRGB into that profile and embeds it. `exif`/`xmp` from the input are carried
     over with orientation reset to 1 and the new size; `iptc` (IIM records, as `load_image` returns them) is
     carried into JPEG (APP13) and TIFF (tag 33723), the formats with a standard place for it; `provenance` is
-    embedded as described in io.metadata.
+    embedded as described in io.metadata. `sign(format, unsigned, signed)` (io.credentials) rewrites the encoded
+    file with Content Credentials before it reaches the disk.
     """
     path = Path(path)
     fmt = (format or WRITE_FORMATS.get(path.suffix.lower(), "")).upper()
@@ -343,7 +345,8 @@ def save_image(path: str | Path, rgb: np.ndarray, *, bits: int = 8, format: str 
     exif_out = metadata.exif_bytes(exif, provenance, (w, h)) if (exif or provenance) else None
     xmp_out = metadata.xmp_packet(provenance, xmp) if provenance else xmp
     iim = metadata.iptc_bytes(iptc) if iptc else None
-    with atomic_write(path, overwrite) as f:
+    with atomic_write(path, overwrite) as dest:
+        f = io.BytesIO() if sign else dest
         full = px if a is None else np.concatenate([px, a[:, :, None]], axis=2)
         if bits == 16 and fmt == "PNG":
             texts = {}
@@ -363,6 +366,10 @@ def save_image(path: str | Path, rgb: np.ndarray, *, bits: int = 8, format: str 
         else:
             _save_pillow(f, Image.fromarray(full, "RGBA" if a is not None else "RGB"), fmt, jpeg_quality, profile,
                          exif_out, xmp_out, provenance, iim)
+        if sign:
+            signed = io.BytesIO()  # written to `dest` here, so a full disk reads as one, not as a library error
+            sign(fmt, f, signed)
+            dest.write(signed.getbuffer())
     return path
 
 

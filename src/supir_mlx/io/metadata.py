@@ -18,6 +18,10 @@ KEY = "supir-mlx"
 NOTICE = ("Generative reconstruction made with SUPIR (supir-mlx): detail was synthesised by a diffusion model; "
           "this is not a recovered record of the original scene.")
 XMP_NS = "https://github.com/supir-mlx/supir-mlx/ns/1.0/"
+# IPTC Digital Source Type (NewsCode) read by photo tools, news organisations and platforms: a composite of the
+# input photo and content made by a trained algorithm.
+IPTC_EXT_NS = "http://iptc.org/std/Iptc4xmpExt/2008-02-29/"
+DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
 
 _EXIF_IFD, _DESCRIPTION, _SOFTWARE, _ORIENTATION, _USER_COMMENT = 0x8769, 0x010E, 0x0131, 0x0112, 0x9286
 _PIXEL_X, _PIXEL_Y = 0xA002, 0xA003
@@ -58,9 +62,12 @@ def software(prov: dict[str, Any]) -> str:
 
 
 def xmp_packet(prov: dict[str, Any], existing: bytes | str | None = None) -> bytes:
-    """An XMP packet with our description and record; an input packet is kept, orientation reset to 1."""
-    ours = (f'<rdf:Description rdf:about="" xmlns:supir="{XMP_NS}" xmlns:dc="http://purl.org/dc/elements/1.1/">'
+    """An XMP packet with our description, record and IPTC digital source type; an input packet is kept,
+    orientation reset to 1, its own digital source type (a camera's, say) replaced by ours."""
+    ours = (f'<rdf:Description rdf:about="" xmlns:supir="{XMP_NS}" xmlns:dc="http://purl.org/dc/elements/1.1/" '
+            f'xmlns:Iptc4xmpExt="{IPTC_EXT_NS}">'
             f'<supir:Provenance>{html.escape(to_json(prov), quote=False)}</supir:Provenance>'
+            f'<Iptc4xmpExt:DigitalSourceType>{DIGITAL_SOURCE_TYPE}</Iptc4xmpExt:DigitalSourceType>'
             f'<dc:description><rdf:Alt><rdf:li xml:lang="x-default">{html.escape(NOTICE)}</rdf:li></rdf:Alt>'
             '</dc:description></rdf:Description>')
     text = existing.decode("utf-8", "replace") if isinstance(existing, bytes) else existing
@@ -68,6 +75,8 @@ def xmp_packet(prov: dict[str, Any], existing: bytes | str | None = None) -> byt
         # The pixels are already rotated, so a carried-over orientation would rotate them twice.
         text = re.sub(r'tiff:Orientation="\d"', 'tiff:Orientation="1"', text)
         text = re.sub(r"<tiff:Orientation>\d</tiff:Orientation>", "<tiff:Orientation>1</tiff:Orientation>", text)
+        text = re.sub(r"\sIptc4xmpExt:DigitalSourceType\s*=\s*(\"[^\"]*\"|'[^']*')", "", text)
+        text = re.sub(r"<Iptc4xmpExt:DigitalSourceType>.*?</Iptc4xmpExt:DigitalSourceType>", "", text, flags=re.S)
         return text.replace("</rdf:RDF>", ours + "</rdf:RDF>", 1).encode("utf-8")
     return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/">'
             '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
@@ -139,6 +148,11 @@ def _from_exif(exif) -> dict[str, Any] | None:
     return _from_json(comment)
 
 
+def _xmp_of(im) -> bytes | str | None:
+    return (im.info.get("xmp") or (im.tag_v2.get(700) if im.format == "TIFF" else None)
+            or (getattr(im, "text", {}).get("XML:com.adobe.xmp") if im.format == "PNG" else None))
+
+
 def read_provenance(path: str | Path) -> dict[str, Any] | None:
     """The record embedded by supir-mlx, or None when the file has none. Reads headers only."""
     from PIL import Image
@@ -148,10 +162,27 @@ def read_provenance(path: str | Path) -> dict[str, Any] | None:
     with open_header(path) as im:
         try:
             found = _from_json(getattr(im, "text", {}).get(KEY)) if im.format == "PNG" else None
-            xmp = im.info.get("xmp") or (im.tag_v2.get(700) if im.format == "TIFF" else None)
-            return found or _from_xmp(xmp) or _from_exif(im.getexif())
+            return found or _from_xmp(_xmp_of(im)) or _from_exif(im.getexif())
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ImageError(f"{path}: unreadable metadata ({e})") from None
+
+
+def read_digital_source_type(path: str | Path) -> str | None:
+    """The IPTC digital source type in the file's XMP (element or attribute form), or None."""
+    from PIL import Image
+
+    from .images import ImageError, open_header
+
+    with open_header(path) as im:
+        try:
+            xmp = _xmp_of(im)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ImageError(f"{path}: unreadable metadata ({e})") from None
+    if isinstance(xmp, bytes):
+        xmp = xmp.decode("utf-8", "replace")
+    m = re.search(r"<Iptc4xmpExt:DigitalSourceType>\s*(.*?)\s*</Iptc4xmpExt:DigitalSourceType>"
+                  r"|Iptc4xmpExt:DigitalSourceType=[\"']([^\"']*)[\"']", xmp or "", re.S)
+    return html.unescape(m.group(1) or m.group(2)) if m else None
 
 
 def settings_from_file(path: str | Path) -> dict[str, Any]:

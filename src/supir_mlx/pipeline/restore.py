@@ -49,10 +49,18 @@ class RestoreResult:
     caption: str
     settings: RestoreSettings
     stages: dict[str, StageStats] = field(default_factory=dict)
+    source: Image.Image | None = None  # the input as restored (8-bit RGB)
 
     @property
     def image(self) -> Image.Image:
         return self.images[0]
+
+    def fidelity(self, sample: int = 0):
+        """The fidelity map of one sample against the input: where the output departs from what the input
+        supports (`pipeline.fidelity`; `.score`, `.summary()`, `.render(pixels)`)."""
+        from .fidelity import fidelity_map
+
+        return fidelity_map(np.asarray(self.source), self.pixels[sample])
 
     @property
     def peak_memory(self) -> int:
@@ -259,7 +267,7 @@ class Restorer:
         pixels = [np.clip((resize_bicubic_torch(o, h0, w0) + 1) / 2, 0, 1) for o in out]
         images = [Image.fromarray(tensor_to_uint8(p * 2 - 1)) for p in pixels]
         stage1 = Image.fromarray(tensor_to_image(np.array(trace.tensors["x_stage1"][0]), h0, w0))
-        return RestoreResult(images, pixels, stage1, caption, s, trace.stages)
+        return RestoreResult(images, pixels, stage1, caption, s, trace.stages, img)
 
     def _vae_tiles(self, s: RestoreSettings, plan) -> VAETiles:
         """The plan's VAE tiles (None where a pass runs untiled), spilling tile states to disk past the
