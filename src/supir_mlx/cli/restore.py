@@ -140,7 +140,8 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
         _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, preset,
                  settings_from, prompt, no_caption, weights, sdxl, supir, source, captioner, captioner_weights, dtype,
                  vae_dtype, quantize, memory_limit, plan_only, draft, offline, quiet, emit, knobs,
-                 honest=(fidelity_map, no_credentials, signing_cert, signing_key))
+                 fidelity_map=fidelity_map, no_credentials=no_credentials, signing_cert=signing_cert,
+                 signing_key=signing_key)
     except click.ClickException as e:
         if emit is not None:  # a program reading the events learns why nothing (more) happened
             emit(Event("error", {"message": e.format_message()}))
@@ -149,11 +150,11 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
 
 def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, preset, settings_from,
              prompt, no_caption, weights, sdxl, supir, source, captioner, captioner_weights, dtype, vae_dtype, quantize,
-             memory_limit, plan_only, draft, offline, quiet, emit, knobs, watch=None,
-             honest=(False, False, None, None)) -> None:
+             memory_limit, plan_only, draft, offline, quiet, emit, knobs, watch=None, fidelity_map=False,
+             no_credentials=False, signing_cert=None, signing_key=None) -> None:
     """The restore flow; `watch(process, on_event) -> BatchSummary`, when given, feeds the items instead of the
-    inputs (`supir-mlx watch`). `honest`: (fidelity_map, no_credentials, signing_cert, signing_key).
-    """
+    inputs (`supir-mlx watch`)."""
+
     def say(message: str) -> None:  # human output: stdout, or stderr when stdout carries the JSON events
         click.echo(message, err=emit is not None)
 
@@ -194,7 +195,6 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
     if plan_only:
         _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, captions_given, say)
         return
-    fidelity_map, no_credentials, signing_cert, signing_key = honest
     if no_credentials and (signing_cert or signing_key):
         raise Fail("--no-credentials contradicts --signing-cert/--signing-key")
     credentials = None if no_credentials else _credentials(signing_cert, signing_key)
