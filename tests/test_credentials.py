@@ -84,16 +84,7 @@ def manifest_of(path):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, reference_dir):
-    out = tmp_path_factory.mktemp("w") / "tiny"
-    r = run("convert", reference_dir / "tiny" / "supir_tiny.safetensors", "--config",
-            reference_dir / "tiny" / "config.json", "--dtype", "float32", "-o", out)
-    assert r.exit_code == 0, r.output
-    return out
-
-
-@pytest.fixture(scope="module")
-def signed(weights, tmp_path_factory):
+def signed(tiny_weights, tmp_path_factory):
     """One batch over an input of each format (8-bit PNG, JPEG with a camera's IPTC source type, WebP, TIFF,
     16-bit PNG), with --fidelity-map."""
     root = tmp_path_factory.mktemp("signed")
@@ -109,8 +100,8 @@ def signed(weights, tmp_path_factory):
                                   + chunk(b"IDAT", zlib.compress(rows.tobytes())) + chunk(b"IEND", b""))
     with pytest.MonkeyPatch.context() as mp:  # a config folder of its own: the self-signed key is made here
         mp.setenv("SUPIR_MLX_CONFIG", str(root / "config"))
-        r = run("restore", src, "-o", out, "--weights", weights, "--upscale", "2", "--seed", SEED, "--prompt", PROMPT,
-                "--preset", "quality", "--fidelity-map", *FAST)
+        r = run("restore", src, "-o", out, "--weights", tiny_weights, "--upscale", "2", "--seed", SEED, "--prompt",
+                PROMPT, "--preset", "quality", "--fidelity-map", *FAST)
     assert r.exit_code == 0, r.output
     return {"src": src, "out": out, "result": r, "config": root / "config"}
 
@@ -195,10 +186,10 @@ def test_a_changed_output_no_longer_matches_its_credentials(signed, tmp_path):
         assert "assertion.dataHash.mismatch" in {f["code"] for f in c["failures"]}
 
 
-def test_a_chained_input_keeps_its_credentials(signed, weights, tmp_path):
+def test_a_chained_input_keeps_its_credentials(signed, tiny_weights, tmp_path):
     first = out_of(signed, "a.png")
     again = tmp_path / "again.png"
-    r = run("restore", first, "-o", again, "--weights", weights, "--prompt", "", *FAST)
+    r = run("restore", first, "-o", again, "--weights", tiny_weights, "--prompt", "", *FAST)
     assert r.exit_code == 0, r.output
     before, after = manifest_of(first), manifest_of(again)
     assert len(after["manifests"]) == 2
@@ -223,18 +214,18 @@ def test_fidelity_map_beside_each_output_and_its_summary_in_the_record(signed):
     assert "fidelity.strong_share" in text and "fidelity.mean_drift" in text
 
 
-def test_maps_next_to_their_inputs_are_not_restored_again(weights, tmp_path):
+def test_maps_next_to_their_inputs_are_not_restored_again(tiny_weights, tmp_path):
     Image.fromarray(pixels(24, 16, 8)).save(tmp_path / "x.png")
     for name in ("x_supir.png", "x_supir_fidelity.png"):
         Image.fromarray(pixels(48, 32, 9)).save(tmp_path / name)
-    r = run("restore", tmp_path, "--weights", weights, "--plan", "--upscale", "2", *FAST)
+    r = run("restore", tmp_path, "--weights", tiny_weights, "--plan", "--upscale", "2", *FAST)
     assert r.exit_code == 0, r.output
     assert "x.png" in r.output and "fidelity" not in r.output and "x_supir.png:" not in r.output
 
 
-def test_no_credentials_option(weights, tmp_path):
+def test_no_credentials_option(tiny_weights, tmp_path):
     Image.fromarray(pixels(24, 16, 6)).save(tmp_path / "n.png")
-    r = run("restore", tmp_path / "n.png", "--weights", weights, "--no-credentials", "--prompt", "", *FAST)
+    r = run("restore", tmp_path / "n.png", "--weights", tiny_weights, "--no-credentials", "--prompt", "", *FAST)
     assert r.exit_code == 0, r.output
     out = tmp_path / "n_supir.png"
     assert c2pa.Reader.try_create(str(out)) is None
@@ -242,11 +233,11 @@ def test_no_credentials_option(weights, tmp_path):
     assert "credentials      none" in run("info", out).output
 
 
-def test_without_the_optional_library_outputs_still_say_what_they_are(weights, tmp_path, monkeypatch):
+def test_without_the_optional_library_outputs_still_say_what_they_are(tiny_weights, tmp_path, monkeypatch):
     for i in range(2):
         Image.fromarray(pixels(24, 16, 20 + i)).save(tmp_path / f"m{i}.jpg")
     monkeypatch.setitem(sys.modules, "c2pa", None)  # `import c2pa` now fails as if not installed
-    r = run("restore", tmp_path, "--weights", weights, "--prompt", "", *FAST)
+    r = run("restore", tmp_path, "--weights", tiny_weights, "--prompt", "", *FAST)
     assert r.exit_code == 0, r.output
     notes = [ln for ln in r.output.splitlines() if "Content Credentials" in ln]
     assert len(notes) == 1 and 'pip install "supir-mlx[credentials]"' in notes[0]
@@ -270,12 +261,12 @@ def _serial(chain):
     return str(x509.load_pem_x509_certificates(chain)[0].serial_number)
 
 
-def test_signing_with_the_users_certificate_options_and_config_file(weights, tmp_path, monkeypatch):
+def test_signing_with_the_users_certificate_options_and_config_file(tiny_weights, tmp_path, monkeypatch):
     Image.fromarray(pixels(24, 16, 30)).save(tmp_path / "u.png")
     key, chain = _split(_make_self_signed())
     (tmp_path / "key.pem").write_bytes(key)
     (tmp_path / "chain.pem").write_bytes(chain)
-    r = run("restore", tmp_path / "u.png", "-o", tmp_path / "opt.png", "--weights", weights, "--prompt", "",
+    r = run("restore", tmp_path / "u.png", "-o", tmp_path / "opt.png", "--weights", tiny_weights, "--prompt", "",
             "--signing-cert", tmp_path / "chain.pem", "--signing-key", tmp_path / "key.pem", *FAST)
     assert r.exit_code == 0, r.output
     m = manifest_of(tmp_path / "opt.png")
@@ -299,7 +290,7 @@ def test_signing_with_the_users_certificate_options_and_config_file(weights, tmp
 
 
 @pytest.mark.parametrize("case", ["mismatched key", "cert alone", "not a key", "missing file", "contradiction"])
-def test_bad_signing_options_are_one_line_before_any_work(weights, tmp_path, case):
+def test_bad_signing_options_are_one_line_before_any_work(tiny_weights, tmp_path, case):
     Image.fromarray(pixels(24, 16, 31)).save(tmp_path / "v.png")
     _, chain = _split(_make_self_signed())
     other_key, _ = _split(_make_self_signed())
@@ -311,7 +302,7 @@ def test_bad_signing_options_are_one_line_before_any_work(weights, tmp_path, cas
             "not a key": ["--signing-cert", tmp_path / "chain.pem", "--signing-key", tmp_path / "junk.pem"],
             "missing file": ["--signing-cert", tmp_path / "nope.pem", "--signing-key", tmp_path / "other.pem"],
             "contradiction": ["--no-credentials", "--signing-cert", tmp_path / "chain.pem"]}[case]
-    r = run("restore", tmp_path / "v.png", "--weights", weights, "--prompt", "", *args, *FAST)
+    r = run("restore", tmp_path / "v.png", "--weights", tiny_weights, "--prompt", "", *args, *FAST)
     assert r.exit_code == 1, r.output
     assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit))
     assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("error: "), r.output
