@@ -147,6 +147,9 @@ def test_plan_restore_save_with_the_edited_caption(served, tmp_path):
     assert code == 200 and saved["saved"] == "family_supir.tif"
     assert load_image(root / "out" / "family_supir.tif").bits == 16
     assert read_provenance(root / "out" / "family_supir.tif")["caption"] == "my grandparents, 1952"
+    code, saved = request(f"{server.url}api/jobs/{job.id}/save", {"fidelity_map": True, "overwrite": True})
+    assert code == 200 and (root / "out" / "family_supir_fidelity.png").is_file()
+    assert read_provenance(out)["fidelity"]["map"] == "family_supir_fidelity.png"
     code, body = request(f"{server.url}api/jobs/{job.id}/save", {"format": "../x"})
     assert code == 400 and "format must be one of" in body["error"]
 

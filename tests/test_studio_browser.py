@@ -58,12 +58,16 @@ def test_restore_in_a_real_browser(browser, tiny_weights, tmp_path):
     out = tmp_path / "out"
     with running_studio(lambda: Restorer.from_weights(tiny_weights), out, tmp_path / "work") as (studio, server):
         wait = WebDriverWait(browser, 120)
+
+        def until(what, condition):
+            return wait.until(condition, f"timed out waiting for {what}")
+
         browser.get(server.url)
-        wait.until(EC.text_to_be_present_in_element((By.ID, "model-status"), "model ready"))
+        until("the model", EC.text_to_be_present_in_element((By.ID, "model-status"), "model ready"))
 
         browser.find_element(By.ID, "picker").send_keys(str(photo))
-        wait.until(EC.text_to_be_present_in_element((By.ID, "photo-name"), "grandma.png"))
-        wait.until(EC.text_to_be_present_in_element((By.ID, "estimate"), "Estimated time"))
+        until("the photo", EC.text_to_be_present_in_element((By.ID, "photo-name"), "grandma.png"))
+        until("the estimate", EC.text_to_be_present_in_element((By.ID, "estimate"), "Estimated time"))
         assert "Memory plan for a" in browser.find_element(By.ID, "plan").get_attribute("textContent")
 
         caption = browser.find_element(By.ID, "caption")
@@ -76,12 +80,12 @@ def test_restore_in_a_real_browser(browser, tiny_weights, tmp_path):
             box.send_keys(value, Keys.TAB)
         browser.find_element(By.ID, "start").click()
 
-        wait.until(EC.visibility_of_element_located((By.ID, "result")))
-        wait.until(lambda d: d.execute_script("return document.getElementById('after').naturalWidth") == 96)
+        until("the result", EC.visibility_of_element_located((By.ID, "result")))
+        until("the result image", lambda d: d.execute_script("return document.getElementById('after').naturalWidth") == 96)
         assert "done in" in browser.find_element(By.ID, "progress-text").text
         # the live preview (latent projected to RGB) and the stage-1 image are on the page
         for image in ("preview", "stage1"):
-            wait.until(lambda d: d.execute_script(f"return document.getElementById('{image}').naturalWidth") > 0)
+            until(image, lambda d: d.execute_script(f"return document.getElementById('{image}').naturalWidth") > 0)
         shown = browser.find_element(By.ID, "provenance").get_attribute("textContent")
         assert "my grandmother in her garden, 1950s" in shown and "generative reconstruction" in shown.lower()
 
@@ -95,7 +99,7 @@ def test_restore_in_a_real_browser(browser, tiny_weights, tmp_path):
         browser.find_element(By.ID, "zoom").click()
 
         browser.find_element(By.ID, "save").click()
-        wait.until(EC.text_to_be_present_in_element((By.ID, "save-status"), "saved as grandma_supir.png"))
+        until("the save", EC.text_to_be_present_in_element((By.ID, "save-status"), "saved as grandma_supir.png"))
         browser.execute_script("document.getElementById('advanced').open = false; window.scrollTo(0, 0);")
         time.sleep(0.3)  # let the repaint settle before the picture
         shot = tmp_path / "studio.png"
@@ -117,12 +121,12 @@ def test_restore_in_a_real_browser(browser, tiny_weights, tmp_path):
             "  const dt = new DataTransfer(); dt.items.add(new File([blob], 'second.png', {type: 'image/png'}));"
             "  document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));"
             "  done(); });")
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#photos li")) == 2)
+        until("the dropped photo", lambda d: len(d.find_elements(By.CSS_SELECTOR, "#photos li")) == 2)
         first_tab = browser.current_window_handle
         browser.switch_to.new_window("tab")
         browser.get(server.url)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#photos li")) == 2)
-        wait.until(EC.text_to_be_present_in_element((By.ID, "queue"), "grandma.png · done"))
+        until("the photos in tab 2", lambda d: len(d.find_elements(By.CSS_SELECTOR, "#photos li")) == 2)
+        until("the queue in tab 2", EC.text_to_be_present_in_element((By.ID, "queue"), "grandma.png · done"))
         browser.close()
         browser.switch_to.window(first_tab)
 

@@ -33,8 +33,11 @@ EXTRA = 'the studio needs its extra: pip install -e ".[studio]"  (or: pip instal
 @click.option("--quantize", type=click.Choice(["4", "8"]))
 @click.option("--memory-limit", type=float, help="Memory budget in GB.")
 @click.option("--offline", is_flag=True, help="Never contact the Hugging Face hub.")
+@click.option("--no-credentials", is_flag=True, help="Save without C2PA Content Credentials.")
+@click.option("--signing-cert", type=click.Path(dir_okay=False, path_type=Path), help="PEM certificate chain for the Content Credentials.")
+@click.option("--signing-key", type=click.Path(dir_okay=False, path_type=Path), help="PEM private key for the Content Credentials.")
 def studio(folder, output, host, port, no_browser, max_upload, weights, sdxl, supir, model, captioner,
-           captioner_weights, dtype, quantize, memory_limit, offline) -> None:
+           captioner_weights, dtype, quantize, memory_limit, offline, no_credentials, signing_cert, signing_key) -> None:
     """Open the Studio: add photos, edit the caption, watch the restore, compare and save.
 
     Serves a page on this computer only (unless --host says otherwise); the link it opens carries a secret
@@ -47,11 +50,14 @@ def studio(folder, output, host, port, no_browser, max_upload, weights, sdxl, su
         if getattr(e, "name", "") and e.name.split(".")[0] in ("starlette", "uvicorn", "anyio"):
             raise Fail(EXTRA) from None
         raise
-    from .restore import _load
+    from .restore import _credentials, _load
 
     out = output or folder or Path.cwd()
     if out.exists() and not out.is_dir():
         raise Fail(f"{out}: not a folder")
+    if no_credentials and (signing_cert or signing_key):
+        raise Fail("--no-credentials contradicts --signing-cert/--signing-key")
+    credentials = None if no_credentials else _credentials(signing_cert, signing_key)  # as `restore` signs
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host}: anyone on the network with the link can use this studio and "
                    "read its photos", err=True)
@@ -64,7 +70,8 @@ def studio(folder, output, host, port, no_browser, max_upload, weights, sdxl, su
 
     work = tempfile.TemporaryDirectory(prefix="supir-studio-")
     try:
-        engine = Studio(load, out, Path(work.name), folder, max_upload_bytes=int(max_upload * 1e6))
+        engine = Studio(load, out, Path(work.name), folder, max_upload_bytes=int(max_upload * 1e6),
+                        credentials=credentials)
         server = Server(engine, secrets.token_urlsafe(24), host, port)
     except (StudioError, OSError) as e:
         work.cleanup()

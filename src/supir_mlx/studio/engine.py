@@ -187,13 +187,16 @@ class Studio:
     missing-weights error is shown there); `listen(fn)` registers a callback for every event."""
 
     def __init__(self, load: Callable[[], Any], out_dir: Path, work_dir: Path, folder: Path | None = None,
-                 max_upload_bytes: int = 200_000_000, caption_size: int = RestoreSettings.caption_size):
-        """`caption_size`: short side of the stage-1 image LLaVA is shown for a photo's suggested caption."""
+                 max_upload_bytes: int = 200_000_000, caption_size: int = RestoreSettings.caption_size,
+                 credentials=None):
+        """`caption_size`: short side of the stage-1 image LLaVA is shown for a photo's suggested caption;
+        `credentials`: the Content Credentials signer Save uses (io.credentials, as `restore` builds it), or None."""
         self._load = load
         self.out_dir, self.folder = Path(out_dir), folder
         self.uploads = Path(work_dir) / "uploads"
         self.uploads.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = max_upload_bytes
+        self.credentials = credentials
         self.caption_settings = RestoreSettings(caption_size=caption_size).validate()
         self.restorer = None
         self.model_state, self.model_error = "loading", None
@@ -530,7 +533,7 @@ class Studio:
 
     # --------------------------------------------------------------------------------------- save
     def save(self, jid: str, fmt: str | None = None, bits: int | None = None, jpeg_quality: int = 95,
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, fidelity_map: bool = False) -> Path:
         """Write a result into OUT exactly as `restore -o OUT` names and writes it (atomic, metadata, bits)."""
         from ..cli.restore import _save
 
@@ -551,7 +554,8 @@ class Studio:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
             _save(BatchItem(1, Path(photo.name), out), photo.load(job.settings, job.draft), job.result, self.restorer,
-                  str(bits) if bits else None, fmt, jpeg_quality, overwrite, False)
+                  str(bits) if bits else None, fmt, jpeg_quality, overwrite, False, fidelity_map=fidelity_map,
+                  credentials=self.credentials, preset=job.preset)
         except ImageError as e:
             raise StudioError(one_line(e)) from None
         job.saved.append(out.name)

@@ -170,7 +170,7 @@ def create_app(studio: Studio, token: str) -> TokenGuard:
         bits = d.get("bits")
         out = await run_in_threadpool(studio.save, request.path_params["jid"], d.get("format") or None,
                                       int(bits) if str(bits).isdigit() else None, d.get("jpeg_quality", 95),
-                                      bool(d.get("overwrite")))
+                                      d.get("overwrite") is True, d.get("fidelity_map") is True)
         return JSONResponse({"saved": out.name, "folder": str(out.parent)})
 
     async def refused(request: Request, exc: Exception) -> Response:

@@ -190,6 +190,9 @@ function renderProgress() {
   const live = $("live");
   live.hidden = !(j.state === "running" || j.previews > 0 || j.state === "done");
   $("preview").parentElement.hidden = !j.previews;
+  // preview events move the frame along; this catches up after a missed event (a reconnect, a late tab)
+  const base = `api/jobs/${j.id}/image/preview`, shown = $("preview").getAttribute("src") || "";
+  if (j.previews && (j.state !== "running" || !shown.startsWith(base)) && shown !== `${base}?n=${j.previews}`) $("preview").src = `${base}?n=${j.previews}`;
   const stage1 = `api/jobs/${j.id}/image/stage1`;
   if (j.has_stage1 && $("stage1").getAttribute("src") !== stage1) $("stage1").src = stage1;
   else if (!j.has_stage1) $("stage1").removeAttribute("src");
@@ -234,7 +237,8 @@ $("save").addEventListener("click", async () => {
   const id = mine(selected).result;
   try {
     const r = await post(`api/jobs/${id}/save`, { format: $("save-format").value, bits: $("save-bits").value,
-      jpeg_quality: Number($("save-quality").value), overwrite: $("save-overwrite").checked });
+      jpeg_quality: Number($("save-quality").value), overwrite: $("save-overwrite").checked,
+      fidelity_map: $("save-fidelity").checked });
     $("save-status").textContent = `saved as ${r.saved} in ${r.folder}`;
     showError("");
   } catch (e) { showError(e.message); }
