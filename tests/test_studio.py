@@ -316,7 +316,7 @@ def test_the_studio_command_serves_its_folder_and_stops_cleanly(tiny_weights, tm
     folder.mkdir()
     chart(folder / "a.png")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "supir-mlx"), "studio", str(folder), "-o", str(tmp_path / "out"),
-                             "--weights", str(tiny_weights), "--no-browser", "--port", "0"],
+                             "--weights", str(tiny_weights), "--no-browser", "--port", "0", "--no-credentials"],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         while not (found := re.search(r"http://127\.0\.0\.1:\d+/[\w-]{20,}/", proc.stderr.readline())):
