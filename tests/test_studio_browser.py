@@ -85,7 +85,7 @@ def test_restore_in_a_real_browser(browser, tiny_weights, tmp_path):
         assert "done in" in browser.find_element(By.ID, "progress-text").text
         # the live preview (latent projected to RGB) and the stage-1 image are on the page
         for image in ("preview", "stage1"):
-            until(image, lambda d: d.execute_script(f"return document.getElementById('{image}').naturalWidth") > 0)
+            until(image, lambda d, image=image: d.execute_script(f"return document.getElementById('{image}').naturalWidth") > 0)
         shown = browser.find_element(By.ID, "provenance").get_attribute("textContent")
         assert "my grandmother in her garden, 1950s" in shown and "generative reconstruction" in shown.lower()
 
