@@ -101,3 +101,28 @@ def test_nms_suppresses_overlaps_only():
     assert nms(dets, 0.4) == [0, 2, 3]
     assert nms(dets, 0.7) == [0, 1, 2, 3]
     assert nms(dets, 0.3) == [0, 2]
+
+
+def test_release_files_convert_once_through_the_safe_reader(reference_dir, tmp_path):
+    """The detector as a legacy torch file with DataParallel keys and the parser as a zip checkpoint (the forms
+    facexlib publishes), converted once into an MLX folder that loads to the same network."""
+    from safetensors.numpy import load_file
+    from torchsave import save_tensors
+
+    from supir_mlx.weights.faces import ensure_faces, load_faces
+
+    det = load_file(str(reference_dir / "face" / "retinaface_tiny_weights.safetensors"))
+    par = load_file(str(reference_dir / "face" / "parsenet_tiny_weights.safetensors"))
+    save_tensors({"module." + k: v for k, v in det.items() if v.ndim}, tmp_path / "detection.pth", legacy=True)
+    save_tensors({k: v for k, v in par.items() if v.ndim}, tmp_path / "parsing.pth")
+    dcfg = RetinaFaceConfig(layers=(1, 1, 1, 1), width_per_group=16, out_channel=64)
+    pcfg = ParseNetConfig(in_size=64, out_size=64, min_feat_size=16, base_ch=16, res_depth=2, ch_range=(8, 32))
+    entry = ensure_faces(tmp_path / "detection.pth", tmp_path / "parsing.pth", tmp_path / "cache", dcfg, pcfg)
+    stamp = (entry / "retinaface.safetensors").stat().st_mtime_ns
+    assert ensure_faces(tmp_path / "detection.pth", tmp_path / "parsing.pth", tmp_path / "cache", dcfg, pcfg) == entry
+    assert (entry / "retinaface.safetensors").stat().st_mtime_ns == stamp  # not converted again
+    detector, parser = load_faces(entry)
+    x = mx.random.normal((1, 32, 48, 3), key=mx.random.key(1))
+    for a, b in zip(detector(x * 50), load_retinaface(det, dcfg)(x * 50)):
+        assert np.array_equal(np.array(a), np.array(b))
+    assert np.array_equal(np.array(parser(x)[0]), np.array(load_parsenet(par, pcfg)(x)[0]))

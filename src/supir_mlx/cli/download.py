@@ -17,21 +17,23 @@ from ..weights import hub
 @click.option("--supir", metavar="PATH|OWNER/REPO/FILE", default=None, help="A SUPIR checkpoint already on disk or elsewhere on the hub.")
 @click.option("--offline", is_flag=True, help="Never contact the hub (same as HF_HUB_OFFLINE=1); report what is missing.")
 @click.option("--verify", is_flag=True, help="Re-hash cached files against the hub's checksums.")
-def download(model: str, source: str, captioner: str, sdxl: str | None, supir: str | None, offline: bool, verify: bool) -> None:
+@click.option("--faces", is_flag=True, help="Also face mode's detector and parser (facexlib release files).")
+def download(model: str, source: str, captioner: str, sdxl: str | None, supir: str | None, offline: bool, verify: bool,
+             faces: bool) -> None:
     """Download (or locate) the SDXL base, the SUPIR checkpoint and the captioner.
 
     Interrupted downloads resume where they stopped; every file is checked against the hub's
     size and checksum. Prints one `component path` line per file.
     """
     try:
-        got = hub.fetch(hub.required_files(model, source, captioner, sdxl, supir), offline=offline)
+        got = hub.fetch(hub.required_files(model, source, captioner, sdxl, supir, faces=faces), offline=offline)
     except hub.WeightsUnavailable as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     bad = []
     for component, paths in got.items():
         for p in paths:
-            if verify and hub.verify_cached(p) is False:
+            if verify and component != "faces" and hub.verify_cached(p) is False:  # release files: verified on every use
                 bad.append(p)
             click.echo(f"{component} {p}")
     if bad:

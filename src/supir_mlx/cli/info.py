@@ -70,6 +70,13 @@ def _print(path: Path, record: dict) -> None:
             click.echo(f"  {key:16s} {record[key]}")
     for key, value in sorted((record.get("settings") or {}).items()):
         click.echo(f"  {'settings.' + key:16s} {value}")
+    if record.get("faces") is not None:
+        fr = record["faces"]
+        click.echo(f"  {'faces':16s} {fr['found']} restored ({fr['landmarks']} landmarks), {fr['dropped_small']} "
+                   f"too small, background {fr['background']}")
+        for i, face in enumerate(fr["faces"], 1):
+            (x, y), caption = face["landmarks"][2], face["caption"]
+            click.echo(f"  {f'face {i}':16s} nose at ({x:.0f}, {y:.0f}); caption: {caption}")
     for key, value in (record.get("fidelity") or {}).items():
         click.echo(f"  {'fidelity.' + key:16s} {value}")
     click.echo(f"  {'source type':16s} {record.get('digital_source_type') or 'none (no IPTC digital source type)'}")

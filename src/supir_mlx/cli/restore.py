@@ -17,7 +17,7 @@ KNOBS = (
     "upscale", "min_size", "sampler", "steps", "cfg", "cfg_start", "linear_cfg", "control_scale", "control_start",
     "linear_control", "restore_cfg", "s_churn", "s_noise", "eta", "color_fix", "seed", "num_samples",
     "positive_prompt", "negative_prompt", "caption_size", "model", "tile_size", "tile_stride", "vae_encoder_tile",
-    "vae_decoder_tile",
+    "vae_decoder_tile", "faces", "face_size", "face_resolution", "face_background", "face_prompt",
 )
 OUTPUT_FORMATS = {"png": ".png", "tif": ".tif", "tiff": ".tif", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}
 
@@ -106,6 +106,15 @@ def _clock(s: float) -> str:
 @click.option("--tile-stride", type=int)
 @click.option("--vae-encoder-tile", type=int, help="VAE encoder tile in image pixels (default: automatic).")
 @click.option("--vae-decoder-tile", type=int, help="VAE decoder tile in latent pixels (default: automatic).")
+# face mode
+@click.option("--faces/--no-faces", default=None, help="Face mode (official gradio_demo_face): every face restored alone at full resolution with its own caption, pasted back.")
+@click.option("--face-resolution", type=int, help="Face mode: size each face is restored at inside its canvas (default 1024).")
+@click.option("--face-size", type=int, help="Face mode: aligned face crop and sampler canvas (default 1024, as officially).")
+@click.option("--face-background/--keep-background", "face_background", default=None, help="Face mode: restore the background too (default) or keep the input behind the faces.")
+@click.option("--face-prompt", help="Face mode: caption for every face (default: LLaVA on each face crop).")
+@click.option("--face-landmarks", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Face mode: JSON with 5 points (eyes, nose, mouth corners) per face in input pixels instead of detection; a list, or {file name: list}.")
+@click.option("--face-weights", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Face mode: a converted detector/parser folder (default: facexlib's, fetched once).")
 # weights and memory
 @click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path), help="A folder written by `supir-mlx convert`.")
 @click.option("--sdxl", help="SDXL base checkpoint: local path or owner/repo/file (any SDXL fine-tune).")
@@ -125,9 +134,9 @@ def _clock(s: float) -> str:
 @click.option("--json", "json_events", is_flag=True,
               help="Progress and results as JSON Lines events on stdout (README: Events); human output on stderr.")
 def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, fidelity_map,
-            no_credentials, signing_cert, signing_key, preset, settings_from, prompt, no_caption, weights, sdxl, supir,
-            source, captioner, captioner_weights, dtype, vae_dtype, quantize, memory_limit, plan_only, draft, offline,
-            quiet, json_events, **knobs) -> None:
+            no_credentials, signing_cert, signing_key, preset, settings_from, prompt, no_caption, face_landmarks,
+            face_weights, weights, sdxl, supir, source, captioner, captioner_weights, dtype, vae_dtype, quantize,
+            memory_limit, plan_only, draft, offline, quiet, json_events, **knobs) -> None:
     """Restore photos (files, folders or glob patterns) with SUPIR.
 
     Outputs are generative reconstructions: detail is synthesised, not recovered; every output says so in its
@@ -138,8 +147,8 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
     emit = JsonLines() if json_events else None
     try:
         _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, preset,
-                 settings_from, prompt, no_caption, weights, sdxl, supir, source, captioner, captioner_weights, dtype,
-                 vae_dtype, quantize, memory_limit, plan_only, draft, offline, quiet, emit, knobs,
+                 settings_from, prompt, no_caption, face_landmarks, face_weights, weights, sdxl, supir, source, captioner,
+                 captioner_weights, dtype, vae_dtype, quantize, memory_limit, plan_only, draft, offline, quiet, emit, knobs,
                  fidelity_map=fidelity_map, no_credentials=no_credentials, signing_cert=signing_cert,
                  signing_key=signing_key)
     except click.ClickException as e:
@@ -149,9 +158,9 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
 
 
 def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, preset, settings_from,
-             prompt, no_caption, weights, sdxl, supir, source, captioner, captioner_weights, dtype, vae_dtype, quantize,
-             memory_limit, plan_only, draft, offline, quiet, emit, knobs, watch=None, fidelity_map=False,
-             no_credentials=False, signing_cert=None, signing_key=None) -> None:
+             prompt, no_caption, face_landmarks, face_weights, weights, sdxl, supir, source, captioner, captioner_weights,
+             dtype, vae_dtype, quantize, memory_limit, plan_only, draft, offline, quiet, emit, knobs, watch=None,
+             fidelity_map=False, no_credentials=False, signing_cert=None, signing_key=None) -> None:
     """The restore flow; `watch(process, on_event) -> BatchSummary`, when given, feeds the items instead of the
     inputs (`supir-mlx watch`)."""
 
@@ -188,6 +197,7 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
                 pattern = str(p.with_name(f"{p.stem}_draft{p.suffix}"))
         sources = _without_earlier_outputs(sources, inputs, out_dir, pattern, ext, settings.num_samples)
         items = plan_outputs(sources, out_dir, pattern, ext)
+        landmarks_for = _face_landmarks(face_landmarks) if face_landmarks else (lambda _: None)
     except (ImageError, SettingsError, ValueError) as e:
         raise Fail(str(e)) from None
 
@@ -204,8 +214,10 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
                                                captions_given)
     elif captioner == "auto" and weights:  # images yet to come: the larger captioner when it is there (_load)
         captioner = "13b"
+    face_models = _load_faces(face_weights, offline) if settings.faces else None  # small: a bad folder fails first
     restorer = _load(weights, sdxl, supir, settings.model, source, captioner, captioner_weights, dtype, vae_dtype,
                      quantize, memory_limit, offline, captions_given)
+    restorer.face_models = face_models
     progress = ProgressBar("", enabled=not quiet and sys.stderr.isatty())
     totals: dict[str, list[float]] = {}
 
@@ -232,9 +244,12 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
         progress.label = item.input.name
         t0 = time.perf_counter()
         try:
-            result = restorer.restore(loaded.to_pil(), s, on_event=tagged(on_event, **item.tags()))
+            result = restorer.restore(loaded.to_pil(), s, on_event=tagged(on_event, **item.tags()),
+                                      face_landmarks=landmarks_for(item.input))
         finally:
             progress.close()
+        if result.faces is not None and not result.faces["found"]:
+            say(f"  no face found in {item.input.name}: restored without face mode")
         for name, st in result.stages.items():
             totals.setdefault(name, [0.0, 0])
             totals[name][0] += st.seconds
@@ -322,6 +337,39 @@ def _load(weights, sdxl, supir, model, source, captioner, captioner_weights, dty
         raise Fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
+def _load_faces(face_weights, offline):
+    from ..pipeline.faces import load_face_models
+    from ..weights.faces import FaceWeightsError
+    from ..weights.hub import WeightsUnavailable
+
+    try:
+        return load_face_models(str(face_weights) if face_weights else None, offline=offline)
+    except (WeightsUnavailable, FaceWeightsError, RuntimeError, OSError, ValueError) as e:
+        raise Fail(str(e)) from None
+
+
+def _face_landmarks(path: Path):
+    """item path -> landmarks for it: the file holds one list of faces (every input) or {file name: list}."""
+    import json
+
+    import numpy as np
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a landmarks JSON file ({e})") from None
+    def valid(faces) -> bool:
+        try:
+            return isinstance(faces, list) and (not faces or np.asarray(faces, dtype=np.float64).shape[1:] == (5, 2))
+        except (TypeError, ValueError):
+            return False
+
+    table = data if isinstance(data, dict) else None
+    if not all(valid(f) for f in (table.values() if table is not None else [data])):
+        raise ValueError(f"{path}: landmarks must be a list of faces, each 5 [x, y] points (eyes, nose, mouth corners)")
+    return (lambda p: table.get(Path(p).name)) if table is not None else (lambda p: data)
+
+
 def provenance_summary(prov: dict) -> dict:
     """The part of an output's provenance record a result event carries (the file has all of it)."""
     keys = ("sampler", "steps", "cfg", "control_scale", "restore_cfg", "upscale", "color_fix", "model")
@@ -365,6 +413,8 @@ def _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, co
         base_checkpoint=desc.get("base_checkpoint", ", ".join(desc.get("sources", [])) or "unknown"),
         caption=result.caption, seed=s.seed, source=item.input.name,
     )
+    if result.faces is not None:
+        prov["faces"] = result.faces
     out_bits = int(bits) if bits else (16 if loaded.bits == 16 and item.output.suffix.lower() in (".png", ".tif", ".tiff") else 8)
     alpha = None
     if loaded.alpha is not None:
@@ -437,6 +487,10 @@ def _print_plans(items, settings, weights, dtype, captioner, quantize, memory_li
             failed = True
         elif p is not None:
             say(str(p))
+            if settings.faces:
+                from ..pipeline.faces import describe_face_passes
+
+                say(describe_face_passes(p, settings, weights, dtype, quantize, memory_limit))
     if failed:
         sys.exit(1)
 
@@ -456,6 +510,14 @@ def _fitting_choices(items, settings, weights, dtype, captioner, quantize, memor
         if p.quant is not None and (bits is None or p.quant.bits < bits):
             bits = p.quant.bits
         sizes.add(p.captioner)
+    if settings.faces and items:  # every face is one more restore of its own size, with the same weights
+        from ..pipeline.faces import face_pass_plan
+
+        p = face_pass_plan(settings, weights, dtype, quantize, memory_limit)
+        if isinstance(p, MemoryPlanError):
+            raise Fail(f"face mode: {p}")
+        if p.quant is not None and (bits is None or p.quant.bits < bits):
+            bits = p.quant.bits
     if captioner == "auto":
         captioner = "7b" if "7b" in sizes else ("13b" if "13b" in sizes else "none")
     return bits, captioner

@@ -50,6 +50,7 @@ class RestoreResult:
     settings: RestoreSettings
     stages: dict[str, StageStats] = field(default_factory=dict)
     source: Image.Image | None = None  # the input as restored (8-bit RGB)
+    faces: dict[str, Any] | None = None  # face mode: the faces found, their captions (see pipeline.faces)
 
     @property
     def image(self) -> Image.Image:
@@ -87,6 +88,7 @@ def _as_pil(image: Any) -> Image.Image:
 
 
 class Restorer:
+    face_models = None  # face mode's detector and parser (pipeline.faces.FaceModels), loaded at first use
     """A loaded SUPIR model plus (optionally) where its captioner lives; `restore` is callable repeatedly."""
 
     def __init__(
@@ -234,6 +236,7 @@ class Restorer:
         preset: str = "default",
         noise: NoiseSource | None = None,
         on_event: EventCallback | None = None,
+        face_landmarks: Any = None,
         **overrides: Any,
     ) -> RestoreResult:
         """Restore one image (a path, PIL image or HxWx3 array).
@@ -243,9 +246,19 @@ class Restorer:
         (e.g. to replay another implementation's); by default every draw comes from settings.seed.
         `on_event` receives stage events (caption, stage1, condition, sample, decode) and one step event per
         sampler step, whose `latent` / `denoised` hold the current latent and x0 estimate (supir_mlx.events).
+        `faces=True` runs face mode (pipeline.faces); `face_landmarks` ([n, 5, 2] input pixels) skips detection.
         """
         s = (settings.updated(**overrides) if settings else settings_for(preset, **overrides)).validate()
         img = _as_pil(image)
+        faces = None
+        if s.faces:
+            from .faces import restore_faces
+
+            if noise is not None:
+                raise ValueError("face mode draws every pass's noise from the seed, as officially; it cannot replay given draws")
+            done, faces = restore_faces(self, img, s, landmarks=face_landmarks, on_event=on_event)
+            if done is not None:
+                return done
         x, h0, w0 = pil_to_tensor(img, s.upscale, s.min_size)
         H, W = x.shape[1:3]
         plan = self.plan(img.width, img.height, s)  # raises MemoryPlanError before any work if nothing fits
@@ -267,7 +280,7 @@ class Restorer:
         pixels = [np.clip((resize_bicubic_torch(o, h0, w0) + 1) / 2, 0, 1) for o in out]
         images = [Image.fromarray(tensor_to_uint8(p * 2 - 1)) for p in pixels]
         stage1 = Image.fromarray(tensor_to_image(np.array(trace.tensors["x_stage1"][0]), h0, w0))
-        return RestoreResult(images, pixels, stage1, caption, s, trace.stages, img)
+        return RestoreResult(images, pixels, stage1, caption, s, trace.stages, img, faces)
 
     def _vae_tiles(self, s: RestoreSettings, plan) -> VAETiles:
         """The plan's VAE tiles (None where a pass runs untiled), spilling tile states to disk past the

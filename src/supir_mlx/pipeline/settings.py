@@ -54,6 +54,12 @@ class RestoreSettings:
     tile_stride: int | None = None
     vae_encoder_tile: int | None = None
     vae_decoder_tile: int | None = None
+    # face mode (gradio_demo_face.py): every face found is restored alone and pasted back into the background
+    faces: bool = False
+    face_size: int = 1024  # FaceRestoreHelper face_size: aligned crops, and the sampler canvas a face is padded to
+    face_resolution: int = 1024  # face_resolution: the face is resized to this inside the canvas
+    face_background: bool = True  # apply_bg: restore the background too (else the input stays behind the faces)
+    face_prompt: str | None = None  # caption of every face; None = LLaVA on each face crop (empty without one)
 
     def validate(self) -> "RestoreSettings":
         def need(cond: bool, msg: str) -> None:
@@ -71,6 +77,11 @@ class RestoreSettings:
         need(self.s_churn >= 0 and self.s_noise > 0, "s_churn must be >= 0 and s_noise > 0")
         need(self.eta > 0 or self.sampler != "dpmpp", "eta must be > 0 for the DPM++ sampler (eta 0 gives NaN officially)")
         need(self.sampler != "dpmpp" or self.num_samples == 1, "the DPM++ sampler runs one sample at a time (as officially)")
+        if self.faces:
+            need(self.num_samples == 1, "face mode restores one sample (num samples must be 1)")
+            need(self.face_size >= 64 and self.face_size % 32 == 0, f"face size must be a multiple of 32 of at least 64, got {self.face_size}")
+            need(64 <= self.face_resolution <= 2048 and self.face_resolution % 32 == 0,
+                 f"face resolution must be a multiple of 32 between 64 and 2048, got {self.face_resolution}")
         if self.tile_size is not None:
             need(self.tile_size >= 8, f"tile size must be at least 8 latent pixels, got {self.tile_size}")
             stride = self.tile_stride if self.tile_stride is not None else self.tile_size // 2

@@ -118,15 +118,18 @@ def load_faces(directory: str | Path) -> tuple[RetinaFace, ParseNet]:
     return detector, parser
 
 
-def ensure_faces(detector_file: Path, parser_file: Path, root: Path | None = None) -> Path:
-    """The converted folder for the two release files, converting them once (keyed by their names and content)."""
+def ensure_faces(
+    detector_file: Path, parser_file: Path, root: Path | None = None,
+    detector_cfg: RetinaFaceConfig = RetinaFaceConfig(), parser_cfg: ParseNetConfig = ParseNetConfig(),
+) -> Path:
+    """The converted folder for the two release files, converting them once (keyed by their names and content
+    and the architectures)."""
     from .cache import cache_root
     from .convert import fingerprint
 
-    key = hashlib.sha256(
-        json.dumps([FACES_VERSION] + [[p.name, p.stat().st_size, fingerprint(p)] for p in (detector_file, parser_file)]).encode()
-    ).hexdigest()[:16]
-    entry = (root or cache_root()) / f"faces-{key}"
+    identity = [FACES_VERSION, asdict(detector_cfg), asdict(parser_cfg)]
+    identity += [[p.name, p.stat().st_size, fingerprint(p)] for p in (detector_file, parser_file)]
+    entry = (root or cache_root()) / f"faces-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]}"
     if not (entry / "config.json").is_file():
-        convert_faces(detector_file, parser_file, entry)
+        convert_faces(detector_file, parser_file, entry, detector_cfg, parser_cfg)
     return entry
