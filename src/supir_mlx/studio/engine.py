@@ -202,7 +202,8 @@ class Studio:
         self.model_state, self.model_error = "loading", None
         self.photos: dict[str, Photo] = {}
         self.jobs: dict[str, Job] = {}
-        self.rates: dict[str, float] = {}  # seconds per work unit of each stage, from the last run
+        # per stage: (fixed seconds, seconds per work unit), from the warm-up's two sizes, then each real run
+        self.rates: dict[str, tuple[float, float]] = {}
         self.projection = None  # latent -> RGB map for the live preview (preview.fit_projection)
         self._listeners: list[Callable[[dict], None]] = []
         self._lock = threading.RLock()
@@ -346,17 +347,24 @@ class Studio:
         return {"caption": 1.0, "stage1": mp, "condition": 1.0,
                 "sample": s.steps * s.num_samples * (width // f) * (height // f) / 1e4, "decode": mp * s.num_samples}
 
+    def _seconds(self, stage: str, units: float) -> float:
+        fixed, per_unit = self.rates.get(stage, (0.0, 0.0))
+        return fixed + per_unit * units
+
     def _estimate(self, width: int, height: int, s: RestoreSettings, caption: bool) -> float | None:
         if not self.rates:
             return None
         units = self._units(width, height, s)
-        return round(sum(self.rates.get(k, 0.0) * units[k] for k in ESTIMATE_STAGES if k != "caption" or caption), 1)
+        return round(sum(self._seconds(k, units[k]) for k in ESTIMATE_STAGES if k != "caption" or caption), 1)
 
     def _learn(self, width: int, height: int, s: RestoreSettings, stages: dict) -> None:
+        """A run's stage times: the per-unit cost is refitted, the fixed cost (from the warm-up) kept."""
         units = self._units(width, height, s)
         for name, st in stages.items():
             if name in units and units[name] > 0:
-                self.rates[name] = st.seconds / units[name]
+                fixed, _ = self.rates.get(name, (0.0, 0.0))
+                fixed = min(fixed, st.seconds)
+                self.rates[name] = (fixed, (st.seconds - fixed) / units[name])
 
     # --------------------------------------------------------------------------------------- jobs
     def submit(self, pid: str, settings: RestoreSettings, preset: str = "default", draft: bool = False) -> Job:
@@ -426,15 +434,24 @@ class Studio:
         self._changed()
 
     def _warm_up(self, restorer) -> None:
-        """One tiny restore: compiles what the first real run would, and gives the time estimates a first rate."""
+        """Two tiny restores (64 and 128 px, one step): they compile what the first real run would, and give each
+        stage's time a fixed part and a per-unit part, so that the first estimates do not scale the small runs'
+        overhead up to a full-size photo."""
         import numpy as np
 
-        ramp = np.linspace(0, 255, 64, dtype=np.float32)
-        img = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, 255 - ramp) / 2,
-                        np.tile(ramp, (64, 1))], -1).astype(np.uint8)
-        s = settings_for(steps=1, min_size=64, prompt="")
-        result = restorer.restore(img, s)
-        self._learn(64, 64, s, result.stages)
+        runs = []
+        for side in (64, 128):
+            ramp = np.linspace(0, 255, side, dtype=np.float32)
+            img = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, 255 - ramp) / 2,
+                            np.tile(ramp, (side, 1))], -1).astype(np.uint8)
+            s = settings_for(steps=1, min_size=side, prompt="")
+            runs.append((self._units(side, side, s), restorer.restore(img, s).stages))
+        (u1, t1), (u2, t2) = runs
+        for name in t2:
+            if name in u2:
+                a, b = t1[name].seconds, t2[name].seconds
+                slope = (b - a) / (u2[name] - u1[name]) if u2[name] > u1[name] and b > a else b / u2[name]
+                self.rates[name] = (max(0.0, b - slope * u2[name]), slope)
         self.projection = fit_projection(restorer.runner)
         self._release()
 
@@ -482,7 +499,7 @@ class Studio:
         photo.suggestion = self.restorer.caption(load_image(photo.path).to_pil(), job.settings,
                                                  staged=self.restorer.plan(photo.width, photo.height).staged)
         photo.caption_state = "done"
-        self.rates["caption"] = time.perf_counter() - job.started
+        self.rates["caption"] = (time.perf_counter() - job.started, 0.0)
 
     def _restore(self, job: Job, photo: Photo) -> None:
         import numpy as np
@@ -510,8 +527,8 @@ class Studio:
                     job.stage1 = Image.fromarray(tensor_to_image(np.array(ev.image[0]), h0, w0))
                     self._publish({"type": "stage1", "job": job.id})
                 job.stage, job.done, job.total = ev["stage"], ev["done"], ev["total"]
-                left = ev["time_left"] if ev["time_left"] is not None else self.rates.get(job.stage, 0) * units.get(job.stage, 0)
-                job.eta = left + sum(self.rates.get(k, 0.0) * units[k] for k in later.get(job.stage, ()))
+                left = ev["time_left"] if ev["time_left"] is not None else self._seconds(job.stage, units.get(job.stage, 0))
+                job.eta = left + sum(self._seconds(k, units[k]) for k in later.get(job.stage, ()))
                 self._publish({"type": "progress", "job": job.to_json()})
             elif ev.kind == "step" and ev.denoised is not None and self.projection is not None:
                 job.preview = project(ev.denoised, self.projection)
