@@ -15,6 +15,7 @@ pytest.importorskip("starlette", reason="the studio extra is part of the test ex
 
 from studio_helpers import FAST, chart, request, running_studio, wait_for  # noqa: E402
 
+from supir_mlx.io.credentials import Credentials, read_credentials  # noqa: E402
 from supir_mlx.io.images import load_image  # noqa: E402
 from supir_mlx.io.metadata import read_provenance  # noqa: E402
 
@@ -131,9 +132,12 @@ def test_plan_restore_save_with_the_edited_caption(served, tmp_path):
     assert code == 200 and Image.open(io.BytesIO(png)).size == (96, 64)
     assert request(f"{server.url}api/jobs/{job.id}/image/stage1")[0] == 200
 
+    studio.credentials = Credentials.load()  # as `supir-mlx studio` builds it (here: the tests' self-signed key)
     code, saved = request(f"{server.url}api/jobs/{job.id}/save", {})
     assert code == 200 and saved["saved"] == "family_supir.png"
     out = root / "out" / "family_supir.png"
+    creds = read_credentials(out)  # valid, and naming the uploaded photo (a real file) as the ingredient
+    assert creds["valid"] and creds["ingredients"][0]["title"] == studio.photos[photo["id"]].path.name
     assert Image.open(out).size == (96, 64)
     prov = read_provenance(out)
     assert prov["caption"] == "my grandparents, 1952" and prov["settings"]["upscale"] == 2.0

@@ -398,8 +398,9 @@ def _credentials(cert, key):
 
 
 def _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, compare, fidelity_map=False,
-          credentials=None, preset=None) -> tuple[list[Path], dict]:
-    """Write every sample (and its comparison) atomically; the files written and the provenance record."""
+          credentials=None, preset=None, ingredient=None) -> tuple[list[Path], dict]:
+    """Write every sample (and its comparison, fidelity map) atomically; the files written and the provenance
+    record. `ingredient`: the input file the credentials name, when `item.input` is not one (the Studio's)."""
     import numpy as np
     from PIL import Image
 
@@ -432,7 +433,7 @@ def _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, co
             save_image(fidelity_path(path), fm.render(pixels), overwrite=True)  # left by an unfinished run
             written.append(fidelity_path(path))
             record = {**prov, "fidelity": {**fm.summary(), "map": fidelity_path(path).name}}
-        sign = credentials.for_output(record, item.input, path.name, preset) if credentials else None
+        sign = credentials.for_output(record, ingredient or item.input, path.name, preset) if credentials else None
         save_image(path, rgb, bits=out_bits, format=fmt, jpeg_quality=jpeg_quality, alpha=alpha,
                    exif=loaded.exif, xmp=loaded.xmp, iptc=loaded.iptc, provenance=record, overwrite=overwrite,
                    sign=sign)

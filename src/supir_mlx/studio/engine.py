@@ -572,7 +572,7 @@ class Studio:
         try:
             _save(BatchItem(1, Path(photo.name), out), photo.load(job.settings, job.draft), job.result, self.restorer,
                   str(bits) if bits else None, fmt, jpeg_quality, overwrite, False, fidelity_map=fidelity_map,
-                  credentials=self.credentials, preset=job.preset)
+                  credentials=self.credentials, preset=job.preset, ingredient=photo.path)
         except ImageError as e:
             raise StudioError(one_line(e)) from None
         job.saved.append(out.name)
