@@ -142,30 +142,46 @@ def restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwri
     Outputs are generative reconstructions: detail is synthesised, not recovered; every output says so in its
     metadata. Inputs are never modified; outputs are written atomically and never replace an input.
     """
+    import signal
+    import threading
+
+    from ..distributed import world
     from ..events import Event, JsonLines
 
-    emit = JsonLines() if json_events else None
+    group = world()  # one of several processes started by mlx.launch: share the work (README: several Macs)
+    emit = (JsonLines(rank=group.rank()) if group else JsonLines()) if json_events else None
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, preset,
                  settings_from, prompt, no_caption, face_landmarks, face_weights, weights, sdxl, supir, source, captioner,
                  captioner_weights, dtype, vae_dtype, quantize, memory_limit, plan_only, draft, offline, quiet, emit, knobs,
                  fidelity_map=fidelity_map, no_credentials=no_credentials, signing_cert=signing_cert,
-                 signing_key=signing_key)
+                 signing_key=signing_key, group=group)
     except click.ClickException as e:
         if emit is not None:  # a program reading the events learns why nothing (more) happened
             emit(Event("error", {"message": e.format_message()}))
         raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM (a launcher or service manager stopping us) ends the run like Ctrl-C: no partial file left."""
+    raise KeyboardInterrupt
 
 
 def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwrite, compare, preset, settings_from,
              prompt, no_caption, face_landmarks, face_weights, weights, sdxl, supir, source, captioner, captioner_weights,
              dtype, vae_dtype, quantize, memory_limit, plan_only, draft, offline, quiet, emit, knobs, watch=None,
-             fidelity_map=False, no_credentials=False, signing_cert=None, signing_key=None) -> None:
+             fidelity_map=False, no_credentials=False, signing_cert=None, signing_key=None, group=None) -> None:
     """The restore flow; `watch(process, on_event) -> BatchSummary`, when given, feeds the items instead of the
-    inputs (`supir-mlx watch`)."""
+    inputs (`supir-mlx watch`); `group` (mx.distributed) shares the batch, or one image's tiles, among ranks."""
+    tag = f"[rank {group.rank()}] " if group else ""
 
     def say(message: str) -> None:  # human output: stdout, or stderr when stdout carries the JSON events
-        click.echo(message, err=emit is not None)
+        click.echo(tag + message, err=emit is not None)
 
     from ..io.batch import collect_inputs, plan_outputs
     from ..io.images import ImageError
@@ -209,6 +225,17 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
         raise Fail("--no-credentials contradicts --signing-cert/--signing-key")
     credentials = None if no_credentials else _credentials(signing_cert, signing_key)
 
+    shares = None
+    if group is not None:
+        from ..distributed import plan_shares
+
+        try:
+            shares = plan_shares(items, group, overwrite)
+        except ValueError as e:
+            raise Fail(str(e)) from None
+        if shares.tiles and shares.rank != 0:  # every rank restores the one image; rank 0 reports and writes it
+            emit, quiet = None, True
+    tile_group = group if shares is not None and shares.tiles else None
     if watch is None:
         quantize, captioner = _fitting_choices(items, settings, weights, dtype, captioner, quantize, memory_limit,
                                                captions_given)
@@ -245,7 +272,7 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
         t0 = time.perf_counter()
         try:
             result = restorer.restore(loaded.to_pil(), s, on_event=tagged(on_event, **item.tags()),
-                                      face_landmarks=landmarks_for(item.input))
+                                      face_landmarks=landmarks_for(item.input), group=tile_group)
         finally:
             progress.close()
         if result.faces is not None and not result.faces["found"]:
@@ -254,6 +281,8 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
             totals.setdefault(name, [0.0, 0])
             totals[name][0] += st.seconds
             totals[name][1] = max(totals[name][1], st.peak_bytes)
+        if tile_group is not None and tile_group.rank() != 0:
+            return None
         written, prov = _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, compare,
                               fidelity_map, credentials, preset)
         seconds = time.perf_counter() - t0
@@ -273,15 +302,24 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
         if emit is not None:
             emit(event)
 
-    if watch is None:
+    if shares is not None:
+        from ..distributed import run_shares
+
+        summary = run_shares(shares, process, overwrite=overwrite, on_event=on_event)
+    elif watch is None:
         summary = run_batch(items, process, overwrite=overwrite, on_event=on_event)
     else:
         summary = watch(process, on_event)
-    if totals:
+    if totals and (tile_group is None or tile_group.rank() == 0):
         say("stage times (all images) and peak memory:")
         for name, (secs, peak) in totals.items():
             say(f"  {name:10s} {secs:8.1f} s   peak {peak / 1e9:6.2f} GB")
-    say(summary.line())
+    if shares is None or shares.rank == 0:
+        say(summary.line())
+    if group is not None:
+        from ..distributed import barrier
+
+        barrier(group)  # no rank exits (which makes mlx.launch stop the others) before rank 0 has reported
     if not summary.ok:
         sys.exit(130 if summary.interrupted else 1)
 

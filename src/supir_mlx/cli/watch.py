@@ -56,6 +56,11 @@ def _watch(folder, output, settle, poll, on_stop, **options) -> None:
         folder, output = Path(folder), Path(output)
         if not folder.is_dir():
             raise Fail(f"{folder}: not a folder")
+        from ..distributed import world
+
+        if world() is not None:
+            raise Fail("watch runs on one Mac (under mlx.launch every rank would restore every file); "
+                       "share a batch with `mlx.launch ... supir-mlx restore FOLDER` instead")
         if "{index}" in options["pattern"]:
             raise Fail("--pattern: {index} depends on arrival order, so a restarted watch would name outputs differently")
         if os.path.realpath(output) == os.path.realpath(folder) or (

@@ -237,6 +237,7 @@ class Restorer:
         noise: NoiseSource | None = None,
         on_event: EventCallback | None = None,
         face_landmarks: Any = None,
+        group=None,
         **overrides: Any,
     ) -> RestoreResult:
         """Restore one image (a path, PIL image or HxWx3 array).
@@ -247,6 +248,9 @@ class Restorer:
         `on_event` receives stage events (caption, stage1, condition, sample, decode) and one step event per
         sampler step, whose `latent` / `denoised` hold the current latent and x0 estimate (supir_mlx.events).
         `faces=True` runs face mode (pipeline.faces); `face_landmarks` ([n, 5, 2] input pixels) skips detection.
+        `group` (mx.distributed.init() under mlx.launch) divides each sampling step's tiles among the processes,
+        which all call restore with the same arguments and all get the single-process result (face mode's own
+        passes over the faces run whole on every rank).
         """
         s = (settings.updated(**overrides) if settings else settings_for(preset, **overrides)).validate()
         img = _as_pil(image)
@@ -274,7 +278,7 @@ class Restorer:
         trace = Trace(keep=("x_stage1",))
         out = self.runner.sample(
             mx.array(x), [caption], s, noise or SeededNoise(s.seed), tiling=tiling, vae_tiles=vae_tiles,
-            batched_cfg=plan.cfg_batched, staged=plan.staged, on_event=on_event, trace=trace,
+            batched_cfg=plan.cfg_batched, staged=plan.staged, on_event=on_event, trace=trace, group=group,
         )
         out = np.array(out)
         pixels = [np.clip((resize_bicubic_torch(o, h0, w0) + 1) / 2, 0, 1) for o in out]

@@ -123,22 +123,23 @@ class SupirRunner:
             self.residency.use_all()
 
     # ---------------------------------------------------------------------------------- VAE passes
-    def encode_with_denoise(self, x: mx.array, tiles: VAETiles) -> mx.array:
+    # `group` (mx.distributed): the tiles of a tiled pass are divided among the ranks (tiled_vae.tiled_forward)
+    def encode_with_denoise(self, x: mx.array, tiles: VAETiles, group=None) -> mx.array:
         x = x.astype(self.vae_dtype)
         if tiles.encoder and tiled_vae.needs_tiling(x.shape[1], x.shape[2], tiles.encoder, False):
-            return _f32(tiled_vae.tiled_encode_with_denoise(self.vae, x, tiles.encoder, tiles.budget_bytes))
+            return _f32(tiled_vae.tiled_encode_with_denoise(self.vae, x, tiles.encoder, tiles.budget_bytes, group))
         return _f32(self.vae.encode_with_denoise(x))
 
-    def encode_sample(self, x: mx.array, noise: mx.array, tiles: VAETiles) -> mx.array:
+    def encode_sample(self, x: mx.array, noise: mx.array, tiles: VAETiles, group=None) -> mx.array:
         x = x.astype(self.vae_dtype)
         if tiles.encoder and tiled_vae.needs_tiling(x.shape[1], x.shape[2], tiles.encoder, False):
-            return _f32(tiled_vae.tiled_encode(self.vae, x, tiles.encoder, noise, tiles.budget_bytes))
+            return _f32(tiled_vae.tiled_encode(self.vae, x, tiles.encoder, noise, tiles.budget_bytes, group))
         return _f32(self.vae.encode(x, noise))
 
-    def decode(self, z: mx.array, tiles: VAETiles) -> mx.array:
+    def decode(self, z: mx.array, tiles: VAETiles, group=None) -> mx.array:
         z = z.astype(self.vae_dtype)
         if tiles.decoder and tiled_vae.needs_tiling(z.shape[1], z.shape[2], tiles.decoder, True):
-            return _f32(tiled_vae.tiled_decode(self.vae, z, tiles.decoder, tiles.budget_bytes))
+            return _f32(tiled_vae.tiled_decode(self.vae, z, tiles.decoder, tiles.budget_bytes, group))
         return _f32(self.vae.decode(z))
 
     def denoise_stage1(self, x: mx.array, tiles: VAETiles = VAETiles()) -> mx.array:
@@ -163,6 +164,7 @@ class SupirRunner:
         staged: bool = False,
         on_event: EventCallback | None = None,
         trace: Trace | None = None,
+        group=None,
     ) -> mx.array:
         """Official `batchify_sample(x, captions, ...)`: the restored images [N,H,W,3] in [-1,1], not clamped.
 
@@ -170,7 +172,9 @@ class SupirRunner:
         officially, each sample gets its own noise). `tiling` "auto" tiles the latent only when it is
         larger than one official 128-pixel tile; a Tiling forces it; None never tiles. `staged` keeps only
         the weights each stage needs in memory (see pipeline.residency). `on_event` receives stage events
-        (stage1, condition, sample, decode) and one step event per sampler step (supir_mlx.events).
+        (stage1, condition, sample, decode) and one step event per sampler step (supir_mlx.events). `group`
+        (mx.distributed, several processes) divides the tiles of each sampling step and of the tiled VAE passes
+        among them; every process gets the same output, bit for bit the single-process one.
         """
         s = settings
         trace = trace or Trace()
@@ -186,17 +190,17 @@ class SupirRunner:
         with trace.stage("stage1"):
             self.use(staged, "vae")
             report("stage1", 0, 2)
-            z_lq = self.encode_with_denoise(x, vae_tiles)
+            z_lq = self.encode_with_denoise(x, vae_tiles, group)
             mx.eval(z_lq)
             report("stage1", 1, 2)
-            x_stage1 = self.decode(z_lq, vae_tiles)
+            x_stage1 = self.decode(z_lq, vae_tiles, group)
             mx.eval(x_stage1)
             report("stage1", 2, 2, image=x_stage1)
             # Draw (1): officially always drawn; the encode itself is only needed for restoration guidance.
             posterior_noise = noise.next(z_lq.shape, mx.float32)
             z_stage1 = None
             if (s.sampler == "edm" and s.restore_cfg > 0) or trace.wants("z_stage1"):
-                z_stage1 = self.encode_sample(x_stage1, posterior_noise, vae_tiles)
+                z_stage1 = self.encode_sample(x_stage1, posterior_noise, vae_tiles, group)
                 mx.eval(z_stage1)
         trace.store("_z", z_lq)
         trace.store("x_stage1", x_stage1)
@@ -219,13 +223,14 @@ class SupirRunner:
 
         with trace.stage("sample"):
             self.use(staged, "vae", "denoiser")
-            latent = self._sample(z_lq, z_stage1, cond, uncond, s, noise, tiling, batched_cfg, report, on_event, trace)
+            latent = self._sample(z_lq, z_stage1, cond, uncond, s, noise, tiling, batched_cfg, report, on_event, trace,
+                                  group)
         trace.store("samples_latent", latent)
 
         with trace.stage("decode"):
             self.use(staged, "vae")
             report("decode", 0, 1)
-            decoded = self.decode(latent, vae_tiles)
+            decoded = self.decode(latent, vae_tiles, group)
             mx.eval(decoded)
             trace.store("decoded_before_colorfix", decoded)
             if s.color_fix == "wavelet":
@@ -239,7 +244,8 @@ class SupirRunner:
         trace.store("out", out)
         return out
 
-    def _sample(self, z_lq, z_stage1, cond, uncond, s, noise, tiling, batched_cfg, report, on_event, trace) -> mx.array:
+    def _sample(self, z_lq, z_stage1, cond, uncond, s, noise, tiling, batched_cfg, report, on_event, trace,
+                group) -> mx.array:
         options = SamplerOptions(
             cfg=s.cfg, cfg_start=s.cfg_start, linear_cfg=s.linear_cfg, control_scale=s.control_scale,
             control_start=s.control_start, linear_control=s.linear_control, restore_cfg=s.restore_cfg,
@@ -253,9 +259,11 @@ class SupirRunner:
         denoise = guided_denoiser(_InDtype(self.model.model, self.net_dtype), cond, uncond, batched=batched_cfg)
         steps = s.steps
         n_tiles = len(tiling.windows(z_lq.shape[1], z_lq.shape[2])) if tiling is not None else 1
+        # with a group this process runs every size-th tile: its share is its work
+        mine = len(range(group.rank(), n_tiles, group.size())) if group is not None and tiling is not None else n_tiles
         keep_step = trace.steps.append if trace.wants("steps") else (lambda _: None)
         t0, tiles_done = time.perf_counter(), [0]
-        report("sample", 0, steps * n_tiles)
+        report("sample", 0, steps * mine)
 
         def on_step(step):
             """After each whole step: the step event (with the latent and x0 for Python callbacks)."""
@@ -271,13 +279,14 @@ class SupirRunner:
 
         def on_tile(_):
             tiles_done[0] += 1
-            report("sample", tiles_done[0], steps * n_tiles)
+            report("sample", tiles_done[0], steps * mine)
 
         sigmas = legacy_sigmas(steps) if s.sampler == "edm" else dpmpp_sigmas(steps)
         if tiling is not None:
             if s.sampler == "edm":
-                return sample_tiled_restore_edm(denoise, x, sigmas, options, tiling, z_stage1, noise, on_step, on_tile)
-            return sample_tiled_restore_dpmpp(denoise, x, sigmas, options, tiling, noise, on_step, on_tile)
+                return sample_tiled_restore_edm(denoise, x, sigmas, options, tiling, z_stage1, noise, on_step, on_tile,
+                                                group)
+            return sample_tiled_restore_dpmpp(denoise, x, sigmas, options, tiling, noise, on_step, on_tile, group)
         if s.sampler == "edm":
             return sample_restore_edm(denoise, x, sigmas, options, z_stage1, noise, on_step)
         return sample_restore_dpmpp(denoise, x, sigmas, options, noise, on_step)

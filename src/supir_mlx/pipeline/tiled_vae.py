@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..distributed import all_sum
 from ..models.layers import GroupNorm, group_statistics
 from ..models.vae import AutoencoderKL, Decoder, Encoder, ResnetBlock
 
@@ -246,7 +247,7 @@ def _crop(h: mx.array, tile: Tile, is_decoder: bool) -> mx.array:
     return out
 
 
-def tiled_forward(net: Encoder | Decoder, x: mx.array, tile_size: int, spill: bool = False) -> mx.array:
+def tiled_forward(net: Encoder | Decoder, x: mx.array, tile_size: int, spill: bool = False, group=None) -> mx.array:
     """`net(x)` the way VAEHook runs it: untiled when max(H, W) <= 2 * pad + tile_size, else tiled.
 
     `spill` keeps the tile states in a scratch file (in the system temporary folder, TMPDIR) instead of
@@ -254,6 +255,11 @@ def tiled_forward(net: Encoder | Decoder, x: mx.array, tile_size: int, spill: bo
     61% of the traffic of storing every barrier); the barriers in between are recomputed from the stored
     one: one more convolution per ResNet block, cheaper than writing and reading two more full-resolution
     activations.
+
+    `group` (mx.distributed, several processes) divides the tiles among the ranks: at every barrier the per-tile
+    statistics, and at the end the crops, travel to every rank in an all_sum over arrays in which each tile's
+    values are non-zero on one rank only (exact), and every rank combines them in tile order: the result is
+    bit-identical to the single-process one.
     """
     if not isinstance(tile_size, int) or tile_size < 1:
         raise ValueError(f"tile size must be a positive integer, got {tile_size!r}")
@@ -262,49 +268,71 @@ def tiled_forward(net: Encoder | Decoder, x: mx.array, tile_size: int, spill: bo
     if not needs_tiling(height, width, tile_size, is_decoder):
         return net(x)
     tiles, cols = split_tiles(height, width, tile_size, is_decoder)
+    if group is not None and not 1 < group.size() <= len(tiles):
+        group = None  # alone, or more ranks than tiles: every rank runs every tile
+    mine = range(len(tiles)) if group is None else range(group.rank(), len(tiles), group.size())
     segments = _segments(network_ops(net))
     pending = _pending_residuals(segments)
     inputs = [(x[:, t.src[2] : t.src[3], t.src[0] : t.src[1], :], None) for t in tiles]
     shared: list[tuple[mx.array, mx.array]] = []  # the statistics of every barrier so far
-    crops: list[mx.array] = []
+    crops: dict[int, mx.array] = {}
     start = 0  # the first segment to run from the stored states
     states = _TileStates(inputs, spill)
     try:
         for k in range(len(segments)):
             last = k == len(segments) - 1
             store = not last and not (spill and pending[k])
-            tile_stats: list[tuple[mx.array, mx.array, int]] = []
-            for i, tile in enumerate(tiles):
+            tile_stats: dict[int, tuple[mx.array, mx.array, int]] = {}
+            for i in mine:
                 h, res = states.get(i)
                 for j in range(start, k + 1):
                     h, res = _run(segments[j], h, res, shared[j - 1] if j else None)
                 if last:
-                    crops.append(_crop(h, tile, is_decoder))
-                    mx.eval(crops[-1])
+                    crops[i] = _crop(h, tiles[i], is_decoder)
+                    mx.eval(crops[i])
                     continue
                 mean, var = group_statistics(h, GROUPS)
-                tile_stats.append((mean, var, h.shape[1] * h.shape[2]))
+                tile_stats[i] = (mean, var, h.shape[1] * h.shape[2])
                 if store:
                     mx.eval(h, res, mean, var)
                     states.put(i, h, res)
                 else:
                     mx.eval(mean, var)
             if not last:
-                pixels = mx.array([p for _, _, p in tile_stats], dtype=mx.float32)
+                means, variances, pixels = _every_tile(tile_stats, len(tiles), group)
                 weights = pixels / pixels.max()
                 weights = (weights / weights.sum())[:, None, None]
-                shared.append((
-                    mx.sum(mx.stack([m for m, _, _ in tile_stats]) * weights, axis=0),
-                    mx.sum(mx.stack([v for _, v, _ in tile_stats]) * weights, axis=0),
-                ))
+                shared.append((mx.sum(means * weights, axis=0), mx.sum(variances * weights, axis=0)))
                 mx.eval(*shared[-1])
             if store:
                 states.commit()
                 start = k + 1
     finally:
         states.close()
-    rows = [mx.concatenate(crops[r : r + cols], axis=2) for r in range(0, len(crops), cols)]
-    return mx.concatenate(rows, axis=1)
+    if group is not None:  # zeros where another rank's crops go; the all_sum fills them in exactly
+        some = next(iter(crops.values()))
+        for i, t in enumerate(tiles):
+            if i not in crops:
+                crops[i] = mx.zeros((some.shape[0], t.dst[3] - t.dst[2], t.dst[1] - t.dst[0], some.shape[3]), some.dtype)
+    ordered = [crops[i] for i in range(len(tiles))]
+    rows = [mx.concatenate(ordered[r : r + cols], axis=2) for r in range(0, len(ordered), cols)]
+    out = mx.concatenate(rows, axis=1)
+    return out if group is None else all_sum(out, group)
+
+
+def _every_tile(stats: dict[int, tuple[mx.array, mx.array, int]], n: int, group) -> tuple[mx.array, mx.array, mx.array]:
+    """Every tile's group means, variances [n, B, groups] and pixel counts [n] (float32), in tile order; with a
+    group, gathered from the ranks that computed them (an all_sum in which each tile is non-zero on one rank)."""
+    if group is None:
+        return (mx.stack([stats[i][0] for i in range(n)]), mx.stack([stats[i][1] for i in range(n)]),
+                mx.array([stats[i][2] for i in range(n)], dtype=mx.float32))
+    some = next(iter(stats.values()))[0]
+    zero = mx.zeros_like(some)
+    packed = mx.stack([mx.stack([stats[i][0], stats[i][1]]) if i in stats else mx.stack([zero, zero]) for i in range(n)])
+    pixels = mx.array([stats[i][2] if i in stats else 0 for i in range(n)], dtype=mx.float32)
+    # pixel counts are integers far below 2**24: exact in float32, like every x + 0
+    packed, pixels = all_sum(packed, group), all_sum(pixels, group)
+    return packed[:, 0], packed[:, 1], pixels
 
 
 def _image(vae: AutoencoderKL, x: mx.array) -> mx.array:
@@ -320,39 +348,43 @@ def _spill(vae: AutoencoderKL, height: int, width: int, tile_size: int, is_decod
 
 
 def tiled_encoder_features(
-    vae: AutoencoderKL, x: mx.array, tile_size: int, denoise: bool = False, budget_bytes: int | None = None
+    vae: AutoencoderKL, x: mx.array, tile_size: int, denoise: bool = False, budget_bytes: int | None = None, group=None
 ) -> mx.array:
-    """Raw output of the (denoise) encoder, tiled: [B, H/8, W/8, 2*z_channels]."""
+    """Raw output of the (denoise) encoder, tiled: [B, H/8, W/8, 2*z_channels]. `group`: see `tiled_forward`."""
     net = vae.denoise_encoder if denoise else vae.encoder
     x = _image(vae, x)
     spill = _spill(vae, x.shape[1], x.shape[2], tile_size, False, budget_bytes)
-    return tiled_forward(net, x, tile_size, spill)
+    return tiled_forward(net, x, tile_size, spill, group)
 
 
-def tiled_encode_moments(vae: AutoencoderKL, x: mx.array, tile_size: int, budget_bytes: int | None = None) -> mx.array:
+def tiled_encode_moments(vae: AutoencoderKL, x: mx.array, tile_size: int, budget_bytes: int | None = None,
+                         group=None) -> mx.array:
     """`vae.encode_moments` with the plain encoder tiled."""
-    return vae.moments_from_features(tiled_encoder_features(vae, x, tile_size, budget_bytes=budget_bytes))
+    return vae.moments_from_features(tiled_encoder_features(vae, x, tile_size, budget_bytes=budget_bytes, group=group))
 
 
 def tiled_encode(
-    vae: AutoencoderKL, x: mx.array, tile_size: int, noise: mx.array | None = None, budget_bytes: int | None = None
+    vae: AutoencoderKL, x: mx.array, tile_size: int, noise: mx.array | None = None, budget_bytes: int | None = None,
+    group=None,
 ) -> mx.array:
     """`vae.encode` (official encode_first_stage under init_tile_vae)."""
-    return vae.latent_from_moments(tiled_encode_moments(vae, x, tile_size, budget_bytes), noise)
+    return vae.latent_from_moments(tiled_encode_moments(vae, x, tile_size, budget_bytes, group), noise)
 
 
-def tiled_encode_with_denoise(vae: AutoencoderKL, x: mx.array, tile_size: int, budget_bytes: int | None = None) -> mx.array:
+def tiled_encode_with_denoise(vae: AutoencoderKL, x: mx.array, tile_size: int, budget_bytes: int | None = None,
+                              group=None) -> mx.array:
     """`vae.encode_with_denoise` with the denoise encoder tiled."""
-    h = tiled_encoder_features(vae, x, tile_size, denoise=True, budget_bytes=budget_bytes)
+    h = tiled_encoder_features(vae, x, tile_size, denoise=True, budget_bytes=budget_bytes, group=group)
     return vae.latent_from_moments(vae.moments_from_features(h))
 
 
-def tiled_decode(vae: AutoencoderKL, z: mx.array, tile_size: int, budget_bytes: int | None = None) -> mx.array:
+def tiled_decode(vae: AutoencoderKL, z: mx.array, tile_size: int, budget_bytes: int | None = None,
+                 group=None) -> mx.array:
     """`vae.decode` with the decoder tiled; `tile_size` is in latent pixels. With a `budget_bytes` the tile
     states spill to disk when they would not fit in it."""
     f = vae.cfg.downsample_factor
     spill = _spill(vae, z.shape[1] * f, z.shape[2] * f, tile_size, True, budget_bytes)
-    return tiled_forward(vae.decoder, vae.decoder_input(z), tile_size, spill).astype(mx.float32)
+    return tiled_forward(vae.decoder, vae.decoder_input(z), tile_size, spill, group).astype(mx.float32)
 
 
 # --- choosing tile sizes -------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
+from ..distributed import all_sum
 from .denoiser import DenoiseFn, Window, crop
 from .dpmpp import DPMStep, check_noise, dpmpp_step, draws_noise
 from .edm import EDMStep, check_inputs, churn_gamma, edm_step
@@ -97,10 +98,17 @@ class _Blender:
     MLX has no float64 on the GPU, so here the product is float32 (at most one extra rounding,
     ~6e-8 relative, far below the sampler tolerance). The weight sum does not depend on the data: it is
     accumulated once, in numpy, exactly as officially (float64 adds rounded into float32).
+
+    With a distributed group (several processes started by mlx.launch) each rank runs every size-th tile; the
+    weighted tiles travel to every rank in one all_sum over a stack in which each tile is non-zero on one rank
+    only (x + 0 is exact), and every rank then accumulates them in window order as a single process does: the
+    result is bit-identical to the single-process one. Per step that moves tiles x tile_h x tile_w x channels
+    floats per blended quantity (`exchanged_bytes`).
     """
 
-    def __init__(self, tiling: Tiling, shape: tuple[int, ...], dtype: mx.Dtype):
+    def __init__(self, tiling: Tiling, shape: tuple[int, ...], dtype: mx.Dtype, group=None):
         _, h, w, _ = shape
+        self.shape, self.dtype = shape, dtype
         self.windows = tiling.windows(h, w)
         w64 = tiling.weights(h, w)
         count = np.zeros((h, w), np.float32)
@@ -108,11 +116,54 @@ class _Blender:
             count[h0:h1, w0:w1] = (count[h0:h1, w0:w1] + w64).astype(np.float32)
         self.weights = mx.array(w64.astype(np.float32))[None, :, :, None].astype(dtype)
         self.count = mx.array(count)[None, :, :, None].astype(dtype)
+        self.group = group if group is not None and group.size() > 1 else None
 
-    def add(self, acc: mx.array, window: Window, tile: mx.array) -> mx.array:
-        h0, h1, w0, w1 = window
-        acc[:, h0:h1, w0:w1, :] += tile * self.weights
-        return acc
+    def mine(self) -> list[int]:
+        """The windows this process runs (all of them without a group)."""
+        if self.group is None:
+            return list(range(len(self.windows)))
+        return list(range(self.group.rank(), len(self.windows), self.group.size()))
+
+    def step(self, run: Callable[[int, Window], tuple[object, tuple[mx.array, ...]]],
+             tile_callback: Callable | None) -> list[mx.array]:
+        """One step: `run(j, window)` -> (step record, tile outputs) on this process's tiles; returns the
+        weighted sum over all tiles of each output (divide by `count`)."""
+        if self.group is None:
+            accs = None
+            for j, win in enumerate(self.windows):
+                record, outs = run(j, win)
+                h0, h1, w0, w1 = win
+                accs = accs or [mx.zeros(self.shape, self.dtype) for _ in outs]
+                for acc, out in zip(accs, outs):
+                    acc[:, h0:h1, w0:w1, :] += out * self.weights
+                mx.eval(accs)
+                if tile_callback is not None:
+                    tile_callback(record)
+            return accs
+        weighted: dict[int, list[mx.array]] = {}
+        for j in self.mine():
+            record, outs = run(j, self.windows[j])
+            weighted[j] = [out * self.weights for out in outs]
+            mx.eval(weighted[j])
+            if tile_callback is not None:
+                tile_callback(record)
+        n_out = len(next(iter(weighted.values())))
+        zero = mx.zeros_like(next(iter(weighted.values()))[0])
+        stack = mx.stack([mx.stack([weighted[j][k] if j in weighted else zero for j in range(len(self.windows))])
+                          for k in range(n_out)])
+        everyone = all_sum(stack, self.group)
+        accs = [mx.zeros(self.shape, self.dtype) for _ in range(n_out)]
+        for j, (h0, h1, w0, w1) in enumerate(self.windows):
+            for k, acc in enumerate(accs):
+                acc[:, h0:h1, w0:w1, :] += everyone[k, j]
+        mx.eval(accs)
+        return accs
+
+    def exchanged_bytes(self, quantities: int) -> int:
+        """Bytes each all_sum of a step reduces (the stacked tiles of `quantities` blended arrays)."""
+        b, _, _, c = self.shape
+        th, tw = self.weights.shape[1:3]
+        return quantities * len(self.windows) * b * th * tw * c * self.weights.dtype.size
 
 
 def sample_tiled_restore_edm(
@@ -125,35 +176,34 @@ def sample_tiled_restore_edm(
     noise: NoiseSource | None = None,
     callback: Callable[[TiledStep], None] | None = None,
     tile_callback: Callable[[EDMStep], None] | None = None,
+    group=None,
 ) -> mx.array:
     """Tiled restoration EDM (TiledRestoreEDMSampler). `denoise` gets each tile's window.
 
     Officially one full-size draw is made every step, even without churn; it is made whenever a noise
-    source is given, so replayed official draws line up.
+    source is given, so replayed official draws line up. `group` (mx.distributed) divides each step's tiles
+    among processes; every process gets the same result.
     """
     steps = len(sigmas) - 1
     gamma = churn_gamma(options.s_churn, steps)
     check_inputs(options, x_center, noise, gamma)
-    blend = _Blender(tiling, x.shape, x.dtype)
+    blend = _Blender(tiling, x.shape, x.dtype, group)
     for i in range(steps):
         eps = noise.next(x.shape, x.dtype) if noise is not None else None
-        acc, acc_d = mx.zeros_like(x), mx.zeros_like(x)
-        for j, win in enumerate(blend.windows):
+
+        def run(j, win):
             step = edm_step(
                 denoise, crop(x, win), sigmas[i], sigmas[i + 1], gamma, options, crop(x_center, win), crop(eps, win), i, win
             )
             step.tile = j
-            acc = blend.add(acc, win, step.x_out)
             # the blended x0 only feeds step callbacks (a live preview); the sampler itself does not read it
-            if callback is not None:
-                acc_d = blend.add(acc_d, win, step.denoised)
-            mx.eval(acc, acc_d)
-            if tile_callback is not None:
-                tile_callback(step)
-        x_next = acc / blend.count
+            return step, (step.x_out, step.denoised) if callback is not None else (step.x_out,)
+
+        blended = blend.step(run, tile_callback)
+        x_next = blended[0] / blend.count
         mx.eval(x_next)
         if callback is not None:
-            callback(TiledStep(i, x, x_next, acc_d / blend.count))
+            callback(TiledStep(i, x, x_next, blended[1] / blend.count))
         x = x_next
     return x
 
@@ -167,26 +217,26 @@ def sample_tiled_restore_dpmpp(
     noise: NoiseSource | None = None,
     callback: Callable[[TiledStep], None] | None = None,
     tile_callback: Callable[[DPMStep], None] | None = None,
+    group=None,
 ) -> mx.array:
     """Tiled restoration DPM++ 2M SDE (TiledRestoreDPMPP2MSampler).
 
     One full-size noise draw per step 1..n-2, sliced per tile. Both x and denoised are blended: the
-    next step's tiles read their old_denoised from the BLENDED denoised, not from their own.
+    next step's tiles read their old_denoised from the BLENDED denoised, not from their own. `group` as for
+    the EDM sampler.
     """
     check_noise(noise, sigmas)
-    blend = _Blender(tiling, x.shape, x.dtype)
+    blend = _Blender(tiling, x.shape, x.dtype, group)
     old_denoised = None
     for i in range(len(sigmas) - 1):
         eps = noise.next(x.shape, x.dtype) if draws_noise(sigmas, i) else None
-        acc_x, acc_d = mx.zeros_like(x), mx.zeros_like(x)
-        for j, win in enumerate(blend.windows):
+
+        def run(j, win):
             step = dpmpp_step(denoise, crop(x, win), crop(old_denoised, win), sigmas, i, options, crop(eps, win), win)
             step.tile = j
-            acc_x = blend.add(acc_x, win, step.x_out)
-            acc_d = blend.add(acc_d, win, step.denoised)
-            mx.eval(acc_x, acc_d)
-            if tile_callback is not None:
-                tile_callback(step)
+            return step, (step.x_out, step.denoised)
+
+        acc_x, acc_d = blend.step(run, tile_callback)
         x_next, old_denoised = acc_x / blend.count, acc_d / blend.count
         mx.eval(x_next, old_denoised)
         if callback is not None:
