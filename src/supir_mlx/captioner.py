@@ -109,11 +109,14 @@ class Captioner:
         path = Path(path).expanduser() if path else default_llava_dir()
         if not (path / "config.json").is_file():
             raise CaptionerUnavailable(
-                f"no converted LLaVA captioner in {path}: download llava-hf/llava-1.5-13b-hf and convert it once with "
+                f"no converted LLaVA captioner in {path} (no config.json): download llava-hf/llava-1.5-13b-hf and convert it once with "
                 f"`supir-mlx convert-llava <download folder> {path}` (or pass --no-caption / a prompt)"
             )
         from transformers import AutoTokenizer
 
+        from .weights.llava_convert import check_llava_folder
+
+        check_llava_folder(path)
         dtype = dtype or (mx.float16 if mx.default_device() == mx.gpu else mx.float32)
         return cls(load_llava(path, dtype), AutoTokenizer.from_pretrained(str(path)), question,
                    sorted(path.glob("model*.safetensors")))

@@ -55,10 +55,13 @@ def caption(images: tuple[Path, ...], weights: Path | None, seed: int, greedy: b
 
 def write_atomic(path: Path, text: str) -> None:
     """Readers see the old file or the whole new one, never a partial write."""
+    from ..io.images import output_mode
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            os.fchmod(f.fileno(), output_mode(path))
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

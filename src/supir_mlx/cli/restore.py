@@ -198,9 +198,12 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
         if no_caption and prompt is not None:
             raise Fail("--prompt and --no-caption contradict each other")
         settings = settings_for(preset, **{**base, **given})
-        sources = collect_inputs(inputs, recursive) if watch is None else []
+        unreadable: list = []
+        sources = collect_inputs(inputs, recursive, skipped=unreadable) if watch is None else []
         if not sources and watch is None:
-            raise Fail("no images found in " + ", ".join(inputs))
+            why = f" ({unreadable[0][0]}: {unreadable[0][1]})" if len(unreadable) == 1 else (
+                f" ({len(unreadable)} entries cannot be read, e.g. {unreadable[0][0]}: {unreadable[0][1]})" if unreadable else "")
+            raise Fail("no images found in " + ", ".join(inputs) + why)
         out_dir, ext = output, OUTPUT_FORMATS.get(fmt) if fmt else None
         single_file = output is not None and len(sources) == 1 and output.suffix.lower() in set(OUTPUT_FORMATS.values()) | {".jpeg", ".tiff"}
         if single_file:
@@ -217,9 +220,49 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
     except (ImageError, SettingsError, ValueError) as e:
         raise Fail(str(e)) from None
 
+    from ..pipeline.planning import WATCH_SIZE, LoadOptions, plan_run
+
     captions_given = no_caption or prompt is not None
+    try:
+        options = LoadOptions(weights=weights, model=settings.model, sdxl=sdxl, supir=supir, source=source,
+                              captioner=captioner, captioner_weights=captioner_weights, dtype=dtype,
+                              vae_dtype=vae_dtype, quantize=int(quantize) if quantize else None,
+                              memory_limit_gb=memory_limit, offline=offline)
+        if watch is None:
+            captioned = [not captions_given and not item.input.with_suffix(".txt").is_file() for item in items]
+            run = plan_run([item.input for item in items], settings, options, captioned=captioned, draft=draft)
+            if settings.faces and items and run.fits:  # every face is one more restore of its own size, same weights
+                from dataclasses import replace
+
+                from ..pipeline.faces import face_pass_plan
+
+                fp = face_pass_plan(settings, weights, dtype, run.quant, memory_limit)
+                if isinstance(fp, Exception):
+                    raise Fail(f"face mode: {fp}")
+                if fp.quant is not None and (run.quant is None or fp.quant.bits < run.quant.bits):
+                    options = replace(options, quantize=fp.quant.bits)
+                    run = plan_run([item.input for item in items], settings, options, captioned=captioned, draft=draft)
+        else:  # images yet to come: the choices a typical photo needs (each image is planned when it arrives)
+            run = plan_run([WATCH_SIZE], settings, options, captioned=not captions_given, draft=draft)
+    except (ValueError, OSError) as e:  # a converted folder or captioner folder that cannot be used
+        raise Fail(str(e).splitlines()[0]) from None
+    for note in run.notes:
+        click.echo(f"note: {note}", err=True)
     if plan_only:
-        _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, captions_given, say)
+        for path, reason in unreadable:
+            say(f"skip {path}: {reason}")
+        for p in run.inputs:
+            say(p.line)
+            if p.error:
+                say(f"  DOES NOT FIT: {p.error}")
+            elif p.plan is not None:
+                say(str(p.plan))
+                if settings.faces:
+                    from ..pipeline.faces import describe_face_passes
+
+                    say(describe_face_passes(p.plan, settings, weights, dtype, quantize, memory_limit))
+        if not run.fits:
+            sys.exit(1)
         return
     if no_credentials and (signing_cert or signing_key):
         raise Fail("--no-credentials contradicts --signing-cert/--signing-key")
@@ -236,14 +279,10 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
         if shares.tiles and shares.rank != 0:  # every rank restores the one image; rank 0 reports and writes it
             emit, quiet = None, True
     tile_group = group if shares is not None and shares.tiles else None
-    if watch is None:
-        quantize, captioner = _fitting_choices(items, settings, weights, dtype, captioner, quantize, memory_limit,
-                                               captions_given)
-    elif captioner == "auto" and weights:  # images yet to come: the larger captioner when it is there (_load)
-        captioner = "13b"
+    if not run.fits and watch is None:
+        raise Fail(run.refusal())
     face_models = _load_faces(face_weights, offline) if settings.faces else None  # small: a bad folder fails first
-    restorer = _load(weights, sdxl, supir, settings.model, source, captioner, captioner_weights, dtype, vae_dtype,
-                     quantize, memory_limit, offline, captions_given)
+    restorer = _load(run)
     restorer.face_models = face_models
     progress = ProgressBar("", enabled=not quiet and sys.stderr.isatty())
     totals: dict[str, list[float]] = {}
@@ -295,7 +334,8 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
 
     def on_event(event):
         if event.kind == "skipped":
-            say(f"  skip {event['input']}: {event['reason']} ({event['output']})")
+            why = f" ({event['output']})" if event["output"] else ""
+            say(f"  skip {event['input']}: {event['reason']}{why}")
         elif event.kind == "error":
             click.echo(f"  FAILED {event['message']}", err=True)
         progress(event)
@@ -307,7 +347,7 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
 
         summary = run_shares(shares, process, overwrite=overwrite, on_event=on_event)
     elif watch is None:
-        summary = run_batch(items, process, overwrite=overwrite, on_event=on_event)
+        summary = run_batch(items, process, overwrite=overwrite, on_event=on_event, unreadable=unreadable)
     else:
         summary = watch(process, on_event)
     if totals and (tile_group is None or tile_group.rank() == 0):
@@ -339,36 +379,12 @@ def _without_earlier_outputs(sources, inputs, out_dir, pattern, ext, num_samples
     return drop_earlier_outputs(sources, out_dir, pattern, ext, keep=named, variants=variants)
 
 
-def _load(weights, sdxl, supir, model, source, captioner, captioner_weights, dtype, vae_dtype, quantize, memory_limit,
-          offline, no_caption_needed):
-    from ..pipeline.restore import Restorer
+def _load(run):
+    from ..pipeline.planning import load_restorer
     from ..weights.hub import WeightsUnavailable
 
-    use_captioner = "none" if no_caption_needed else captioner
     try:
-        if weights:
-            cap = captioner_weights
-            if cap is None and use_captioner != "none":
-                from ..weights.llava_convert import default_llava_dir
-
-                d = default_llava_dir(use_captioner)
-                cap = d if (d / "config.json").is_file() else None
-                if cap is None and use_captioner == "13b" and (default_llava_dir("7b") / "config.json").is_file():
-                    cap = default_llava_dir("7b")
-                if cap is None:
-                    click.echo(f"note: no converted captioner in {d}; restoring without captions "
-                               "(give --prompt, a sidecar .txt, or convert LLaVA with `supir-mlx convert-llava`)", err=True)
-            if quantize:
-                raise Fail("--quantize applies to downloaded weights; a converted folder is loaded as it was saved")
-            return Restorer.from_weights(weights, captioner=cap, dtype=dtype, vae_dtype=vae_dtype, memory_limit_gb=memory_limit)
-        r = Restorer.from_pretrained(model, sdxl=sdxl, supir=supir, source=source, captioner=use_captioner, dtype=dtype,
-                                     vae_dtype=vae_dtype, quantize=int(quantize) if quantize else None, offline=offline,
-                                     memory_limit_gb=memory_limit, log=lambda m: click.echo(m, err=True))
-        if captioner_weights:
-            r.captioner_path = captioner_weights
-        return r
-    except Fail:
-        raise
+        return load_restorer(run, log=lambda m: click.echo(m, err=True))
     except WeightsUnavailable as e:  # the one message that lists every missing file and where to put it
         raise Fail(str(e)) from None
     except (OSError, ValueError, RuntimeError) as e:
@@ -482,81 +498,3 @@ def _save(item, loaded, result, restorer, bits, fmt, jpeg_quality, overwrite, co
             write_compare(path, np.asarray(loaded.to_pil()), np.asarray(result.images[i]), provenance=prov, overwrite=overwrite)
             written.append(compare_path(path))
     return written, prov
-
-
-def _plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed):
-    """(item, header line, Plan or MemoryPlanError, or None for an unreadable file) per input, from the file
-    headers alone (nothing decoded)."""
-    from ..config import SUPIRConfig
-    from ..io.images import ImageError, open_header
-    from ..memory import MemoryPlanError, plan
-    from ..pipeline.preprocess import processing_size
-    from ..pipeline.restore import default_dtype
-    from ..weights.loading import dtype_name
-    from ..weights.quantize import QuantSpec
-
-    config = SUPIRConfig.load(weights / "config.json") if weights else SUPIRConfig.sdxl_v0()
-    cap = None if no_caption_needed or captioner == "none" else captioner
-    # a converted folder is loaded as saved; downloaded weights are quantized as far as the plan needs
-    quant = QuantSpec(bits=int(quantize)) if quantize else ("auto" if not weights else None)
-    for item in items:
-        try:
-            with open_header(item.input) as im:
-                w, h = im.size
-        except ImageError as e:  # reported (and skipped) when the batch reaches this file
-            yield item, str(e), None
-            continue
-        W, H, h0, w0 = processing_size(w, h, settings.upscale, settings.min_size)
-        line = f"{item.input}: {w}x{h} -> output {w0}x{h0} (working size {W}x{H})"
-        try:
-            yield item, line, plan(W, H, config=config, dtype=dtype or dtype_name(default_dtype()), captioner=cap,
-                                   memory_limit_gb=memory_limit, quant=quant, unet_tile=settings.tile_size)
-        except MemoryPlanError as e:
-            yield item, line, e
-
-
-def _print_plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed, say) -> None:
-    from ..memory import MemoryPlanError
-
-    failed = False
-    for _, line, p in _plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed):
-        say(line)
-        if isinstance(p, MemoryPlanError):
-            say(f"  DOES NOT FIT: {p}")
-            failed = True
-        elif p is not None:
-            say(str(p))
-            if settings.faces:
-                from ..pipeline.faces import describe_face_passes
-
-                say(describe_face_passes(p, settings, weights, dtype, quantize, memory_limit))
-    if failed:
-        sys.exit(1)
-
-
-def _fitting_choices(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed):
-    """Before loading anything: the weight quantization every input's plan needs (the strongest wins) and the
-    captioner size (7B if any plan needs it), or a one-line refusal naming the first input that cannot fit."""
-    from ..memory import MemoryPlanError
-
-    bits = int(quantize) if quantize else None
-    sizes = set()
-    for item, _, p in _plans(items, settings, weights, dtype, captioner, quantize, memory_limit, no_caption_needed):
-        if isinstance(p, MemoryPlanError):
-            raise Fail(f"{item.input}: {p}")
-        if p is None:
-            continue
-        if p.quant is not None and (bits is None or p.quant.bits < bits):
-            bits = p.quant.bits
-        sizes.add(p.captioner)
-    if settings.faces and items:  # every face is one more restore of its own size, with the same weights
-        from ..pipeline.faces import face_pass_plan
-
-        p = face_pass_plan(settings, weights, dtype, quantize, memory_limit)
-        if isinstance(p, MemoryPlanError):
-            raise Fail(f"face mode: {p}")
-        if p.quant is not None and (bits is None or p.quant.bits < bits):
-            bits = p.quant.bits
-    if captioner == "auto":
-        captioner = "7b" if "7b" in sizes else ("13b" if "13b" in sizes else "none")
-    return bits, captioner

@@ -10,12 +10,14 @@ never writes. A second run with the same plan skips every output that exists, so
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from ..events import Event, EventCallback
 from .images import INPUT_EXTENSIONS, ImageError, _reason
@@ -39,6 +41,7 @@ class BatchSummary:
     done: list[BatchItem] = field(default_factory=list)
     skipped: list[tuple[BatchItem, str]] = field(default_factory=list)
     failed: list[tuple[BatchItem, str]] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # entries collect_inputs could not read
     interrupted: bool = False
 
     @property
@@ -46,11 +49,14 @@ class BatchSummary:
         return not self.failed and not self.interrupted
 
     def line(self) -> str:
-        s = f"{len(self.done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed"
+        n = len(self.skipped) + len(self.unreadable)
+        why = f" ({len(self.unreadable)} unreadable)" if self.unreadable else ""
+        s = f"{len(self.done)} done, {n} skipped{why}, {len(self.failed)} failed"
         return s + (" (interrupted: run the same command again to resume)" if self.interrupted else "")
 
     def event(self, seconds: float, **extra: Any) -> Event:
-        return Event("summary", {"done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed),
+        return Event("summary", {"done": len(self.done), "skipped": len(self.skipped) + len(self.unreadable),
+                                 "failed": len(self.failed),
                                  "interrupted": self.interrupted, "seconds": round(seconds, 3), **extra})
 
 
@@ -58,18 +64,60 @@ def _supported(p: Path) -> bool:
     return p.suffix.lower() in INPUT_EXTENSIONS and not p.name.startswith(".")
 
 
-def collect_inputs(sources: Iterable[str | Path], recursive: bool = False) -> list[Path]:
+def _problem(p: Path) -> str | None:
+    """Why an entry cannot be read as an image file: "" when it can, None for a folder."""
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        if p.is_symlink():
+            return f"broken symbolic link (its target {os.readlink(p)} does not exist)"
+        return "vanished while the folder was read"
+    except OSError as e:
+        return "symbolic link loop" if e.errno == errno.ELOOP else f"cannot be read ({_reason(e)})"
+    if stat.S_ISDIR(st.st_mode):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a pipe, socket or device)"
+    if not os.access(p, os.R_OK):
+        return "cannot be read (permission denied)"
+    return ""
+
+
+def _scan(folder: Path, recursive: bool, skipped: list[tuple[Path, str]]) -> Iterator[Path]:
+    """Readable image files in `folder` (and, recursively, in sub-folders; symbolic links to folders are not
+    followed, so a link cycle cannot loop); what cannot be read goes to `skipped`."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as e:
+        skipped.append((folder, f"folder cannot be read ({_reason(e)})"))
+        return
+    for e in entries:
+        p = Path(e.path)
+        if recursive and e.is_dir(follow_symlinks=False):
+            yield from _scan(p, recursive, skipped)
+        elif _supported(p):
+            problem = _problem(p)
+            if problem:
+                skipped.append((p, problem))
+            elif problem == "":
+                yield p
+
+
+def collect_inputs(sources: Iterable[str | Path], recursive: bool = False,
+                   skipped: list[tuple[Path, str]] | None = None) -> list[Path]:
     """Files, folders (optionally recursive) and glob patterns -> supported image files, deduplicated, in order.
 
     A path that does not exist (and matches nothing as a glob) is an ImageError; so is a named file with an
-    unsupported extension. Files inside folders with other extensions are silently left out.
+    unsupported extension. Files inside folders with other extensions are left out. Entries with an image
+    extension that cannot be read (a broken symbolic link, a link loop, a pipe or device, no permission, a folder
+    that cannot be listed) are appended to `skipped` as (path, reason), to be reported, never dropped silently.
     """
+    skipped = skipped if skipped is not None else []
     found: list[Path] = []
     for src in sources:
         p = Path(src)
         if p.is_dir():
-            walk = p.rglob("*") if recursive else p.iterdir()
-            found += sorted((q for q in walk if q.is_file() and _supported(q)), key=lambda q: str(q).lower())
+            found += sorted(_scan(p, recursive, skipped), key=lambda q: str(q).lower())
         elif p.is_file():
             if not _supported(p):
                 raise ImageError(f"{p}: unsupported file type {p.suffix or '(none)'} "
@@ -77,9 +125,16 @@ def collect_inputs(sources: Iterable[str | Path], recursive: bool = False) -> li
             found.append(p)
         elif glob.has_magic(str(src)):
             matches = [Path(m) for m in sorted(glob.glob(str(src), recursive=recursive))]
-            found += [m for m in matches if m.is_file() and _supported(m)]
+            for m in matches:
+                if _supported(m) and (problem := _problem(m)) is not None:
+                    if problem:
+                        skipped.append((m, problem))
+                    else:
+                        found.append(m)
             if not matches:
                 raise ImageError(f"{src}: no files match this pattern")
+        elif os.path.lexists(p):  # there, but not readable: a broken or looping link, a pipe
+            raise ImageError(f"{p}: {_problem(p)}")
         else:
             raise ImageError(f"{p}: no such file or folder")
     seen, unique = set(), []
@@ -145,21 +200,26 @@ def drop_earlier_outputs(inputs: list[Path], output_dir: str | Path | None = Non
 
 def run_batch(items: list[BatchItem], process_fn: Callable[[BatchItem], dict[str, Any] | None], *,
               overwrite: bool = False, on_event: EventCallback | None = None,
-              stop: Callable[[], bool] | None = None) -> BatchSummary:
+              stop: Callable[[], bool] | None = None,
+              unreadable: Iterable[tuple[Path, str]] = ()) -> BatchSummary:
     """Run `process_fn` on each item; one failure never stops the others.
 
     Existing outputs are skipped unless `overwrite` (that is how a second run resumes). An exception from
     `process_fn` is recorded as a one-line reason and the batch goes on. Ctrl-C stops after the current item has
     been abandoned (the atomic writer leaves no partial file) and returns the summary with `interrupted` set.
     `on_event` receives the batch's events (supir_mlx.events): plan, then per item start and result, skipped or
-    error, then summary. What `process_fn` returns (outputs, peak_bytes, caption, provenance) goes into the item's
-    result event. `stop()` true before an item ends the batch there, as an interruption (a watch stopping
-    after the image in progress).
+    error, then summary; each of `unreadable` (collect_inputs' `skipped`) is a skipped event (index 0, no output)
+    right after the plan, and counts as skipped. What `process_fn` returns (outputs, peak_bytes, caption,
+    provenance) goes into the item's result event. `stop()` true before an item ends the batch there, as an
+    interruption (a watch stopping after the image in progress).
     """
     summary = BatchSummary()
     notify = on_event or (lambda _: None)
     t_batch = time.perf_counter()
     notify(Event("plan", {"count": len(items), "items": [it.tags() for it in items]}))
+    for path, reason in unreadable:
+        summary.unreadable.append((path, reason))
+        notify(Event("skipped", {"index": 0, "input": str(path), "output": None, "reason": reason}))
     for item in items:
         if stop is not None and stop():
             summary.interrupted = True

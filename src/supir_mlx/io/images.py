@@ -13,6 +13,7 @@ import errno
 import glob
 import io
 import os
+import stat
 import struct
 import tempfile
 import warnings
@@ -266,6 +267,18 @@ def _remove_stale_parts(path: Path) -> None:
             pass  # the process exists (another user's): its file is not ours to remove
 
 
+def output_mode(path: Path) -> int:
+    """The permissions a file written at `path` should end with: an existing file keeps its own, a new one gets
+    what any editor would give it (0666 less the umask). mkstemp makes its temporary file 0600, and the rename
+    would otherwise carry that onto outputs other users, web servers or sync tools must read."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mask = os.umask(0o022)  # the only portable way to read the umask is to set it; put it straight back
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, overwrite: bool = False) -> Iterator[Any]:
     """A binary file object whose content appears at `path` only if the block completes.
@@ -287,6 +300,7 @@ def atomic_write(path: str | Path, overwrite: bool = False) -> Iterator[Any]:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
+            os.fchmod(f.fileno(), output_mode(path))
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:

@@ -51,6 +51,7 @@ class RestoreResult:
     stages: dict[str, StageStats] = field(default_factory=dict)
     source: Image.Image | None = None  # the input as restored (8-bit RGB)
     faces: dict[str, Any] | None = None  # face mode: the faces found, their captions (see pipeline.faces)
+    plan: Any = None  # the memory plan the restore ran with (supir_mlx.memory.Plan)
 
     @property
     def image(self) -> Image.Image:
@@ -127,17 +128,32 @@ class Restorer:
         dtype: mx.Dtype | str | None = None,
         vae_dtype: mx.Dtype | str | None = None,
         memory_limit_gb: float | None = None,
+        quantize: int | None = None,
+        log: Callable[[str], None] = print,
     ) -> "Restorer":
-        """From a folder written by `supir-mlx convert` (any architecture: the folder describes it)."""
+        """From a folder written by `supir-mlx convert` (any architecture: the folder describes it).
+
+        `quantize` (8 or 4) quantizes the UNet and control encoder as downloaded weights are: once, into the
+        weight cache (the folder itself is never changed), then every later run loads the quantized copy."""
+        from ..weights import cache
         from ..weights.convert import load_converted, read_manifest
+        from ..weights.quantize import QuantSpec
 
         directory = Path(directory).expanduser()
-        model = load_converted(directory, dtype or default_dtype(), lazy=True)
-        _set_vae_dtype(model, vae_dtype)
+        dt = dtype or default_dtype()
+        quant = QuantSpec(bits=quantize) if quantize else None
+        if quant:
+            entry = cache.ensure_quantized(directory, _dtype_name(dt), quant, log=log)
+            model, weight_files = cache.load(entry, lazy=True), [entry / cache.QUANT_WEIGHTS]
+        else:
+            model = load_converted(directory, dt, lazy=True)
         manifest = read_manifest(directory)
+        if not quant:
+            weight_files = [directory / sh["file"] for sh in manifest["shards"]]
+        _set_vae_dtype(model, vae_dtype)
         description = {"weights": str(directory), "sources": [s.get("name") for s in manifest.get("sources", [])]}
-        return cls(model, captioner=captioner, description=description, memory_limit_gb=memory_limit_gb,
-                   weight_files=[directory / sh["file"] for sh in manifest["shards"]], lazy=True)
+        return cls(model, captioner=captioner, description=description, memory_limit_gb=memory_limit_gb, quant=quant,
+                   weight_files=weight_files, lazy=True)
 
     @classmethod
     def from_pretrained(
@@ -195,7 +211,7 @@ class Restorer:
         use_captioner = self._will_caption(s) if captioner is None else captioner
         p = plan(
             W, H, config=self.config, dtype=_dtype_name(self.runner.net_dtype),
-            captioner=_captioner_size(self.captioner_path) if use_captioner else None,
+            captioner=captioner_size(self.captioner_path) if use_captioner else None,
             memory_limit_gb=self.memory_limit_gb, quant=self.quant, unet_tile=s.tile_size,
         )
         if p.staged and self.runner.residency is None:
@@ -284,7 +300,7 @@ class Restorer:
         pixels = [np.clip((resize_bicubic_torch(o, h0, w0) + 1) / 2, 0, 1) for o in out]
         images = [Image.fromarray(tensor_to_uint8(p * 2 - 1)) for p in pixels]
         stage1 = Image.fromarray(tensor_to_image(np.array(trace.tensors["x_stage1"][0]), h0, w0))
-        return RestoreResult(images, pixels, stage1, caption, s, trace.stages, img, faces)
+        return RestoreResult(images, pixels, stage1, caption, s, trace.stages, img, faces, plan)
 
     def _vae_tiles(self, s: RestoreSettings, plan) -> VAETiles:
         """The plan's VAE tiles (None where a pass runs untiled), spilling tile states to disk past the
@@ -310,12 +326,12 @@ def draft_box(width: int, height: int, settings: RestoreSettings, side: int = 10
     return left, top, left + cw, top + ch
 
 
-def _captioner_size(path: Path) -> str:
-    """"13b" or "7b" from a converted captioner's config (the memory plan counts its weights)."""
-    import json
+def captioner_size(path: Path) -> str:
+    """"13b" or "7b" from a converted captioner's config (the memory plan counts its weights); a folder that
+    cannot be used raises ValueError naming it and what is wrong."""
+    from ..weights.llava_convert import check_llava_folder
 
-    hidden = json.loads((path / "config.json").read_text()).get("text_config", {}).get("hidden_size", 5120)
-    return "13b" if hidden > 4096 else "7b"
+    return "13b" if check_llava_folder(path).text.hidden_size > 4096 else "7b"
 
 
 def _dtype_name(dtype: mx.Dtype | str) -> str:

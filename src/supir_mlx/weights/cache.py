@@ -85,6 +85,40 @@ def ensure(sources, dtype: str = "float16", quant: QuantSpec | None = None, conf
            root: Path | None = None, log: Callable[[str], None] = print) -> Path:
     """The entry for these inputs, converting (and quantizing) the checkpoints first if needed."""
     sources = [Path(p) for p in sources]
+
+    def build(tmp: Path) -> None:
+        if quant is None:
+            conv.convert(sources, tmp, config, dtype, log)
+        else:
+            full = tmp / "full"
+            conv.convert(sources, full, config, dtype, log)
+            _write_quantized(full, tmp, quant, None)
+            shutil.rmtree(full)
+            log(f"  quantized to {quant.bits} bits")
+
+    log_line = f"converting {', '.join(p.name for p in sources)} once into {{}} (later runs load it directly)"
+    return _ensure(sources, dtype, quant, config, root, build, lambda d: log(log_line.format(d)))
+
+
+def ensure_quantized(folder: str | Path, dtype: str, quant: QuantSpec, root: Path | None = None,
+                     log: Callable[[str], None] = print) -> Path:
+    """The quantized entry made from a `supir-mlx convert` folder (its shards are the sources, so a changed
+    folder makes a new entry); the folder itself is only read."""
+    folder = Path(folder)
+    config = conv.check_folder(folder)
+    shards = [folder / sh["file"] for sh in conv.read_manifest(folder)["shards"]]
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir()
+        _write_quantized(folder, tmp, quant, dtype)
+
+    def announce(d: Path) -> None:
+        log(f"quantizing {folder} to {quant.bits} bits once into {d} (later runs load it directly)")
+
+    return _ensure(shards, dtype, quant, config, root, build, announce)
+
+
+def _ensure(sources, dtype, quant, config, root, build, announce) -> Path:
     found = lookup(sources, dtype, quant, config, root)
     if found:
         return found
@@ -92,20 +126,9 @@ def ensure(sources, dtype: str = "float16", quant: QuantSpec | None = None, conf
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = d.parent / f".{d.name}.{os.getpid()}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    log(f"converting {', '.join(p.name for p in sources)} once into {d} (later runs load it directly)")
+    announce(d)
     try:
-        if quant is None:
-            conv.convert(sources, tmp, config, dtype, log)
-        else:
-            full = tmp / "full"
-            conv.convert(sources, full, config, dtype, log)
-            model = _lazy_model(full)
-            quantize(model, quant)
-            materialize(model)
-            mx.save_safetensors(str(tmp / QUANT_WEIGHTS), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
-            shutil.copy(full / conv.CONFIG, tmp / conv.CONFIG)
-            shutil.rmtree(full)
-            log(f"  quantized to {quant.bits} bits")
+        build(tmp)
         entry = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "dtype": dtype,
                  "quant": quant.to_dict() if quant else None, "sources": [_identity(p) for p in sources]}
         (tmp / ENTRY).write_text(json.dumps(entry, indent=1))
@@ -124,14 +147,35 @@ def ensure(sources, dtype: str = "float16", quant: QuantSpec | None = None, conf
     return d
 
 
-def _lazy_model(directory: Path):
-    """The SUPIRModel of a convert folder with its weights mapped from disk but not read yet."""
+def _write_quantized(folder: Path, out: Path, quant: QuantSpec, dtype: str | None) -> None:
+    """Quantize a convert folder's model into `out` one module at a time (the full-precision model is never in
+    memory at once); `dtype` None keeps the stored dtypes."""
+    model = _lazy_model(folder, dtype)
+    quantize(model, quant)
+    materialize(model)
+    mx.save_safetensors(str(out / QUANT_WEIGHTS), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+    shutil.copy(folder / conv.CONFIG, out / conv.CONFIG)
+
+
+def _lazy_model(directory: Path, dtype: str | None = None):
+    """The SUPIRModel of a convert folder with its weights mapped from disk but not read yet (cast lazily to
+    component_dtypes(dtype) when given)."""
     from ..models.supir import SUPIRModel
+    from .loading import component_dtypes, component_of
 
     manifest = conv.read_manifest(directory)
     model = SUPIRModel(SUPIRConfig.load(directory / conv.CONFIG))
+    dtypes = component_dtypes(dtype) if dtype else None
     for shard in manifest["shards"]:
-        model.update(tree_unflatten(list(mx.load(str(directory / shard["file"])).items())))
+        try:
+            stored = mx.load(str(directory / shard["file"]))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise conv.ConvertError(f"{directory}: shard {shard['file']} is corrupt ({str(e).splitlines()[0]}); "
+                                    "convert the checkpoints again") from None
+        if dtypes:
+            stored = {k: v.astype(dtypes[component_of(k)]) if mx.issubdtype(v.dtype, mx.floating) else v
+                      for k, v in stored.items()}
+        model.update(tree_unflatten(list(stored.items())))
     return model
 
 

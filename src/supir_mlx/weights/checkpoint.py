@@ -53,6 +53,9 @@ _NUMPY = {
     "int16": "<i2",
     "int8": "i1",
     "uint8": "u1",
+    "uint16": "<u2",
+    "uint32": "<u4",  # MLX's packed quantized weights
+    "uint64": "<u8",
     "bool": "?",
 }
 _ITEMSIZE = {k: np.dtype(v).itemsize for k, v in _NUMPY.items()}
@@ -153,6 +156,9 @@ _SAFETENSORS_DTYPES = {
     "I16": "int16",
     "I8": "int8",
     "U8": "uint8",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
     "BOOL": "bool",
 }
 

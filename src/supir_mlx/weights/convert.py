@@ -26,7 +26,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..config import SUPIRConfig
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_checkpoint
 from .loading import (
     WeightError,
     WeightSet,
@@ -185,22 +185,73 @@ def _write_shards(tmp, mapping, weights, params, dtypes, sizes, log) -> list[dic
 
 
 def read_manifest(directory: str | Path) -> dict:
+    """The folder's manifest, checked for what loading relies on (format, version, a list of shards)."""
     directory = Path(directory)
     path = directory / MANIFEST
+    if not directory.is_dir():
+        raise ConvertError(f"{directory} is not a folder; give a folder written by `supir-mlx convert`")
     if not path.is_file():
         raise ConvertError(f"{directory} is not a converted weights folder (no {MANIFEST}); run `supir-mlx convert` first")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise ConvertError(f"{path} is corrupt (not JSON); convert the checkpoints again") from None
-    if manifest.get("format") != FORMAT:
-        raise ConvertError(f"{path} is not a supir-mlx weights manifest")
+    except OSError as e:
+        raise ConvertError(f"{directory}: {MANIFEST} cannot be read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConvertError(f"{directory}: {MANIFEST} is corrupt (not JSON); convert the checkpoints again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ConvertError(f"{directory}: {MANIFEST} is not a supir-mlx weights manifest")
     if manifest.get("version") != FORMAT_VERSION:
         raise ConvertError(
             f"{directory} uses weights format version {manifest.get('version')}; this supir-mlx reads version "
             f"{FORMAT_VERSION}: convert the checkpoints again"
         )
+    shards = manifest.get("shards")
+    if (not isinstance(shards, list) or not shards
+            or not all(isinstance(sh, dict) and isinstance(sh.get("file"), str) and isinstance(sh.get("bytes"), int)
+                       and Path(sh["file"]).name == sh["file"] for sh in shards)):
+        raise ConvertError(f"{directory}: {MANIFEST} lists no valid shards (file name and size each); "
+                           "convert the checkpoints again")
     return manifest
+
+
+def read_config(directory: str | Path) -> SUPIRConfig:
+    """The architecture a converted folder describes (config.json), or one line saying what is wrong."""
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise ConvertError(f"{directory}: no {CONFIG} (the architecture description); convert the checkpoints again")
+    try:
+        return SUPIRConfig.load(path)
+    except OSError as e:
+        raise ConvertError(f"{directory}: {CONFIG} cannot be read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConvertError(f"{directory}: {CONFIG} is corrupt (not JSON); convert the checkpoints again") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ConvertError(f"{directory}: {CONFIG} does not describe a SUPIR architecture ({e})") from None
+
+
+def check_folder(directory: str | Path) -> SUPIRConfig:
+    """Everything about a converted folder that can be checked without reading the weights: manifest, config,
+    every shard present and of its recorded size. Returns the architecture; raises ConvertError (one line
+    naming the folder and what is wrong)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    config = read_config(directory)
+    for shard in manifest["shards"]:
+        path = directory / shard["file"]
+        if not path.is_file():
+            raise ConvertError(f"{directory}: shard {shard['file']} is missing; convert the checkpoints again")
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            what = "truncated" if size < shard["bytes"] else "larger than recorded"
+            raise ConvertError(f"{directory}: shard {shard['file']} is {what} ({size} of {shard['bytes']} bytes); "
+                               "convert the checkpoints again")
+        try:
+            read_checkpoint(path)  # the header only: a damaged shard is named before any work
+        except (CheckpointError, OSError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).removeprefix(f"{path.name}: ")
+            raise ConvertError(f"{directory}: shard {shard['file']} cannot be read ({reason}); "
+                               "convert the checkpoints again") from None
+    return config
 
 
 def load_converted(directory: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False):
@@ -211,23 +262,19 @@ def load_converted(directory: str | Path, dtype: str | mx.Dtype | None = None, l
     staged restore wants: pipeline.residency reads each part when its stage comes).
     """
     directory = Path(directory)
+    config = check_folder(directory)
     manifest = read_manifest(directory)
-    try:
-        config = SUPIRConfig.load(directory / CONFIG)
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{directory / CONFIG}: {e}") from None
     dtypes = component_dtypes(dtype) if dtype is not None else None
     model = _build(config)
     params = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
     loaded: dict[str, mx.array] = {}
     for shard in manifest["shards"]:
         path = directory / shard["file"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
-            raise ConvertError(f"{path} is missing or truncated; convert the checkpoints again")
         try:
             stored = mx.load(str(path))
-        except (RuntimeError, ValueError) as e:
-            raise ConvertError(f"{path} is corrupt ({e}); convert the checkpoints again") from None
+        except (RuntimeError, ValueError, OSError) as e:
+            raise ConvertError(f"{directory}: shard {path.name} is corrupt ({str(e).splitlines()[0]}); "
+                               "convert the checkpoints again") from None
         for name, arr in stored.items():
             if name not in params:
                 raise ConvertError(f"{path.name}: unexpected parameter '{name}'")

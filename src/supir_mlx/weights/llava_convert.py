@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 from ..config import ConfigError
 from ..models.clip_vision import CLIPVisionConfig
 from ..models.llava import HF_LLAMA_DEFAULTS, LlavaConfig, LlavaModel, kept, load_strict, mlx_layout
-from .checkpoint import read_checkpoint
+from .checkpoint import CheckpointError, read_checkpoint
 from .loading import WeightError
 
 # The original release's key prefixes -> llava-hf names (first match wins, so the projector and the
@@ -47,6 +47,38 @@ def default_llava_dir(size: str = "13b", bits: int = 4) -> Path:
     """Where the converted captioner lives unless told otherwise (SUPIR_MLX_HOME, else ~/.cache/supir-mlx)."""
     home = os.environ.get("SUPIR_MLX_HOME")
     return (Path(home) if home else Path.home() / ".cache" / "supir-mlx") / f"llava-v1.5-{size}-mlx-{bits}bit"
+
+
+def check_llava_folder(path: str | Path) -> LlavaConfig:
+    """A converted captioner folder checked without reading its weights: config.json describing LLaVA,
+    weight shards with intact headers, tokenizer files. Returns its config; raises ValueError (one line naming
+    the folder and what is wrong)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a folder; give a folder written by `supir-mlx convert-llava`")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{path}: no config.json; not a converted captioner folder (see `supir-mlx convert-llava`)")
+    try:
+        cfg = LlavaConfig.from_dict(json.loads(cfg_file.read_text()))
+    except OSError as e:
+        raise ConfigError(f"{path}: config.json cannot be read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{path}: config.json is corrupt (not JSON); convert the captioner again") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ConfigError(f"{path}: config.json does not describe a LLaVA captioner ({e})") from None
+    shards = sorted(path.glob("model*.safetensors"))
+    if not shards:
+        raise ConfigError(f"{path}: no model*.safetensors weight files; convert the captioner again")
+    for f in shards:
+        try:
+            read_checkpoint(f)
+        except (CheckpointError, OSError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).removeprefix(f"{f.name}: ")
+            raise ConfigError(f"{path}: {f.name} cannot be read ({reason}); convert the captioner again") from None
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise ConfigError(f"{path}: no tokenizer (tokenizer.json or tokenizer.model); convert the captioner again")
+    return cfg
 
 
 def quantized_nbytes(shape: tuple[int, int], bits: int, group_size: int, scale_bytes: int = 2) -> int:
