@@ -292,6 +292,8 @@ def _restore(inputs, output, pattern, fmt, bits, jpeg_quality, recursive, overwr
         from ..io.images import load_image
 
         loaded = load_image(item.input)
+        for note in loaded.notes:  # survivable damage, one line each instead of the decoders' own output
+            say(f"  note: {item.input}: {note}")
         if draft:
             from dataclasses import replace
 

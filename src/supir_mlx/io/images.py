@@ -13,12 +13,14 @@ import errno
 import glob
 import io
 import os
+import re
 import stat
 import struct
+import sys
 import tempfile
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -59,6 +61,7 @@ class LoadedImage:
     xmp: bytes | None
     iptc: dict | None
     orientation: int  # EXIF orientation of the source (already applied to the pixels)
+    notes: list[str] = field(default_factory=list)  # what was wrong but survivable ("EXIF unreadable, ignored")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -82,36 +85,109 @@ def _reason(e: BaseException) -> str:
     return text.replace(str(getattr(e, "filename", "") or "\0"), "").strip(" :'")
 
 
+class _DecoderMessages:
+    """What Pillow warns and libtiff prints (on the C-level stderr) while a file is read, kept out of the progress
+    output: `notes()` turns what matters into short lines for that file, `libtiff()` is libtiff's own complaint."""
+
+    def __init__(self):
+        self.caught: list[str] = []
+        self._err = tempfile.TemporaryFile()
+
+    def libtiff(self) -> str:
+        self._err.seek(0)
+        lines = [ln.strip() for ln in self._err.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+        # libtiff prefixes the module or file name ("TIFFFillStrip: ...", "tempfile.tif: ..."): keep the message
+        return "; ".join(dict.fromkeys(ln.split(": ", 1)[-1].rstrip(".") for ln in lines))
+
+    def notes(self) -> list[str]:
+        notes = []
+        for text in self.caught:
+            if "EXIF" in text:
+                notes.append("EXIF unreadable, ignored")
+            elif "Tag data larger than file" in text:
+                notes.append("damaged metadata tags skipped")
+        if text := self.libtiff():
+            notes.append(f"TIFF decoder: {text}")
+        return list(dict.fromkeys(notes))
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator["_DecoderMessages"]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused with its own message
+            try:
+                saved = os.dup(2)
+            except OSError:  # no stderr to redirect
+                saved = None
+            if saved is not None:
+                sys.stderr.flush()
+                os.dup2(self._err.fileno(), 2)
+            try:
+                yield self
+            finally:
+                if saved is not None:
+                    os.dup2(saved, 2)
+                    os.close(saved)
+                self.caught += [str(w.message) for w in caught]
+
+
 @contextlib.contextmanager
-def open_header(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Image.Image]:
-    """Open an image for its header only, refusing missing/empty/non-image files and oversized dimensions."""
+def open_header(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                messages: _DecoderMessages | None = None) -> Iterator[Image.Image]:
+    """Open an image for its header only, refusing missing/empty/non-image files and oversized dimensions.
+
+    Decoder warnings while the file is open are kept in `messages` (dropped without one) instead of being printed."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: file not found")
     if path.is_dir():
         raise ImageError(f"{path}: is a folder, not an image file")
-    try:
-        if path.stat().st_size == 0:
-            raise ImageError(f"{path}: empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with (messages or _DecoderMessages()).capture():
+        try:
+            if path.stat().st_size == 0:
+                raise ImageError(f"{path}: empty file (0 bytes)")
             im = Image.open(path, formats=sorted(READ_FORMATS))
-    except ImageError:
-        raise
-    except Image.DecompressionBombError:
-        raise ImageError(f"{path}: image size exceeds the limit of {max_pixels:,} pixels (refused before "
-                         "decoding)") from None
-    except UnidentifiedImageError:
-        kinds = "JPEG, PNG, TIFF, WebP" + (", HEIC" if ".heic" in INPUT_EXTENSIONS else "")
-        raise ImageError(f"{path}: not a supported image file ({kinds})") from None
-    except (OSError, SyntaxError, ValueError, struct.error) as e:
-        raise ImageError(f"{path}: cannot read ({_reason(e)})") from None
-    with im:
-        w, h = im.size
-        if w * h > max_pixels:
-            raise ImageError(f"{path}: {w} x {h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
-                             "(refused before decoding; raise max_pixels to allow it)")
-        yield im
+        except ImageError:
+            raise
+        except Image.DecompressionBombError:
+            raise ImageError(f"{path}: image size exceeds the limit of {max_pixels:,} pixels (refused before "
+                             "decoding)") from None
+        except UnidentifiedImageError:
+            damage = _damaged(path)
+            if damage:
+                raise ImageError(f"{path}: {damage}") from None
+            kinds = "JPEG, PNG, TIFF, WebP" + (", HEIC" if ".heic" in INPUT_EXTENSIONS else "")
+            raise ImageError(f"{path}: not a supported image file ({kinds})") from None
+        except (OSError, SyntaxError, ValueError, struct.error) as e:
+            raise ImageError(f"{path}: cannot read ({_reason(e)})") from None
+        with im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageError(f"{path}: {w} x {h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+                                 "(refused before decoding; raise max_pixels to allow it)")
+            yield im
+
+
+# File signatures of the formats we read: a file that starts like one but that Pillow cannot open is damaged.
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def _damaged(path: Path) -> str | None:
+    """"damaged PNG file (<what its decoder found>)" for a file whose signature is a supported format's."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    kind = next((k for sig, k in _SIGNATURES if head.startswith(sig)), None)
+    if kind is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        kind = "WEBP"
+    if kind is None:
+        return None
+    try:  # the format's own decoder says what is wrong (Image.open only says it found no decoder)
+        Image.OPEN[kind][0](str(path)).close()
+        detail = "unreadable header"
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the reason shown
+        detail = re.sub(r"b'([^']*)'", r"\1", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        detail = re.sub(rf"^broken {kind} file \((.*)\)$", r"\1", detail, flags=re.I)
+    return f"damaged {'WebP' if kind == 'WEBP' else kind} file ({detail})"
 
 
 def _to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
@@ -129,7 +205,8 @@ def _to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Decode `path` to upright sRGB; raise ImageError (one line, naming the file) for anything unusable."""
     path = Path(path)
-    with open_header(path, max_pixels) as im:
+    messages = _DecoderMessages()
+    with open_header(path, max_pixels, messages) as im:
         try:
             im.seek(0)  # first frame of an animation or multi-page TIFF
             im.load()
@@ -144,13 +221,15 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded
         except ImageError:
             raise
         except (OSError, SyntaxError, ValueError, struct.error, EOFError, zlib.error) as e:
-            raise ImageError(f"{path}: corrupt or truncated image data ({_reason(e)})") from None
+            detail = messages.libtiff() or _reason(e)
+            raise ImageError(f"{path}: corrupt or truncated image data ({detail})") from None
     icc = info.get("icc_profile") or None
     raw_exif = exif.tobytes() if len(exif) else None
     if isinstance(xmp, str):
         xmp = xmp.encode("utf-8")
-    rgb, alpha = _pixels(upright, icc)
-    return LoadedImage(path, rgb, alpha, bits, fmt, mode, icc, raw_exif, xmp, iptc, orientation)
+    with messages.capture():  # colour conversion and rotation decode nothing new, but libtiff may be lazy
+        rgb, alpha = _pixels(upright, icc)
+    return LoadedImage(path, rgb, alpha, bits, fmt, mode, icc, raw_exif, xmp, iptc, orientation, messages.notes())
 
 
 def _declared_16bit(im: Image.Image, path: Path) -> bool:
