@@ -10,6 +10,7 @@ a module with `run(fixture, ctx) -> list[Comparison]`; a group without a handler
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import json
 import math
@@ -105,12 +106,28 @@ class Fixture:
         self.meta: dict[str, Any] = {}
         for k, v in raw.items():
             self.meta[k] = _decode_meta(v)
+        # The call parameters: the index's `params` for this case, over what the file's metadata records.
+        self.params: dict[str, Any] = {**self.meta, **_index_params(root).get(f"{self.group}/{path.name}", {})}
+
+    def param(self, key: str) -> Any:
+        """One call parameter of this case; a case that does not record it cannot be replayed faithfully."""
+        if key not in self.params:
+            raise KeyError(f"{self.name} records no '{key}' (neither in index.json params nor in its metadata)")
+        return self.params[key]
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self.tensors[key]
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
+
+
+@functools.lru_cache(maxsize=8)
+def _index_params(root: Path) -> dict[str, dict[str, Any]]:
+    index = root / "index.json"
+    if not index.exists():
+        return {}
+    return {e["file"]: e.get("params") or {} for e in json.loads(index.read_text()) if "file" in e}
 
 
 def _decode_meta(v: str) -> Any:

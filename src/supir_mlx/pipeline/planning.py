@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from ..memory import MemoryPlanError, Plan, plan
 from ..weights.quantize import QuantSpec
-from .settings import RestoreSettings
+from .settings import RestoreSettings, check_number
 
 CAPTIONER_CHOICES = ("auto", "13b", "7b", "none")
 WATCH_SIZE = (1024, 1024)  # what a run whose images are yet to come (`supir-mlx watch`) plans its weights for
@@ -49,6 +49,8 @@ class LoadOptions:
             raise ValueError(f"captioner must be one of {', '.join(CAPTIONER_CHOICES)}, not '{self.captioner}'")
         if self.quantize not in (None, 4, 8):
             raise ValueError(f"quantize must be 4 or 8, not {self.quantize}")
+        if self.memory_limit_gb is not None:  # a NaN would slip through every comparison of the planner
+            check_number("memory_limit (GB)", self.memory_limit_gb, 0.1, 100_000, "float")
         for name in ("weights", "captioner_weights"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, Path):

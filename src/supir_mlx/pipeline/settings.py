@@ -62,19 +62,27 @@ class RestoreSettings:
     face_prompt: str | None = None  # caption of every face; None = LLaVA on each face crop (empty without one)
 
     def validate(self) -> "RestoreSettings":
+        """Every knob of the right type, finite and inside its documented range (RANGES); one line naming the first
+        that is not. The CLI, the API (`Restorer.restore`), `--settings-from` records and other front ends all
+        come through here before any work."""
+
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise SettingsError(msg)
 
+        for name, (lo, hi, kind) in RANGES.items():
+            v = getattr(self, name)
+            if v is None and name in OPTIONAL:
+                continue
+            check_number(name, v, lo, hi, kind)
+        for name in ("linear_cfg", "linear_control"):
+            need(isinstance(getattr(self, name), bool), f"{_label(name)} must be true or false, got {getattr(self, name)!r}")
+        for name in ("positive_prompt", "negative_prompt"):
+            need(isinstance(getattr(self, name), str), f"{_label(name)} must be text, got {getattr(self, name)!r}")
+        need(self.prompt is None or isinstance(self.prompt, str), f"prompt must be text, got {self.prompt!r}")
         need(self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, not '{self.sampler}'")
         need(self.color_fix in COLOR_FIXES, f"color fix must be one of {', '.join(COLOR_FIXES)}, not '{self.color_fix}'")
         need(self.model in MODELS, f"model must be one of {', '.join(MODELS)}, not '{self.model}'")
-        need(0 < self.upscale <= 16, f"upscale must be in (0, 16], got {self.upscale}")
-        need(self.min_size >= 64, f"min size must be at least 64, got {self.min_size}")
-        need(1 <= self.steps <= 1000, f"steps must be between 1 and 1000, got {self.steps}")
-        need(self.num_samples >= 1, f"num samples must be at least 1, got {self.num_samples}")
-        need(self.caption_size >= 64, f"caption size must be at least 64, got {self.caption_size}")
-        need(self.s_churn >= 0 and self.s_noise > 0, "s_churn must be >= 0 and s_noise > 0")
         need(self.eta > 0 or self.sampler != "dpmpp", "eta must be > 0 for the DPM++ sampler (eta 0 gives NaN officially)")
         need(self.sampler != "dpmpp" or self.num_samples == 1, "the DPM++ sampler runs one sample at a time (as officially)")
         if self.faces:
@@ -83,7 +91,6 @@ class RestoreSettings:
             need(64 <= self.face_resolution <= 2048 and self.face_resolution % 32 == 0,
                  f"face resolution must be a multiple of 32 between 64 and 2048, got {self.face_resolution}")
         if self.tile_size is not None:
-            need(self.tile_size >= 8, f"tile size must be at least 8 latent pixels, got {self.tile_size}")
             stride = self.tile_stride if self.tile_stride is not None else self.tile_size // 2
             need(0 < stride <= self.tile_size, f"tile stride must be in (0, tile size], got {stride}")
         return self
@@ -97,10 +104,55 @@ class RestoreSettings:
         unknown = sorted(set(d) - names)
         if unknown:
             raise SettingsError(f"unknown settings: {', '.join(unknown)}")
-        return RestoreSettings(**d)
+        return RestoreSettings(**d).validate()
 
     def updated(self, **overrides: Any) -> "RestoreSettings":
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# The documented range of every numeric knob: name -> (lowest, highest, "int" or "float"); both ends included.
+# Wide enough for every official setting and experiment, narrow enough that a typo (1e30, -1) or a NaN is caught.
+RANGES: dict[str, tuple[float, float, str]] = {
+    "upscale": (0.01, 16, "float"),
+    "min_size": (64, 8192, "int"),
+    "steps": (1, 1000, "int"),
+    "cfg": (0, 50, "float"),
+    "cfg_start": (0, 50, "float"),
+    "control_scale": (0, 5, "float"),
+    "control_start": (0, 5, "float"),
+    "restore_cfg": (-1, 20, "float"),  # <= 0 turns it off (the official default is -1)
+    "s_churn": (0, 100, "float"),
+    "s_noise": (0.5, 2, "float"),
+    "eta": (0, 10, "float"),
+    "seed": (0, 2**63 - 1, "int"),
+    "num_samples": (1, 64, "int"),
+    "caption_size": (64, 4096, "int"),
+    "tile_size": (8, 1024, "int"),  # latent pixels
+    "tile_stride": (1, 1024, "int"),
+    "vae_encoder_tile": (64, 16384, "int"),  # image pixels
+    "vae_decoder_tile": (8, 2048, "int"),  # latent pixels
+}
+OPTIONAL = {"tile_size", "tile_stride", "vae_encoder_tile", "vae_decoder_tile"}  # None: chosen automatically
+
+
+def _label(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def check_number(name: str, v: Any, lo: float, hi: float, kind: str) -> None:
+    """Refuse (one line naming the setting) anything but a finite number of the right kind within [lo, hi]."""
+    import math
+    import numbers
+
+    is_int = isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    if kind == "int" and not is_int:
+        raise SettingsError(f"{_label(name)} must be a whole number in [{lo:g}, {hi:g}], got {v!r}")
+    if kind == "float" and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+        raise SettingsError(f"{_label(name)} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+    if not math.isfinite(v):
+        raise SettingsError(f"{_label(name)} must be a finite number in [{lo:g}, {hi:g}], got {v}")
+    if not lo <= v <= hi:
+        raise SettingsError(f"{_label(name)} must be in [{lo:g}, {hi:g}], got {v:g}")
 
 
 # Official presets (gradio_demo option files; the Lightning yaml's default_setting).

@@ -39,6 +39,19 @@ class VAETiles:
     budget_bytes: int | None = None
 
 
+VAE_HINT = "the VAE overflowed: try --vae-dtype float32"
+
+
+class NonFiniteError(RuntimeError):
+    """NaN or Inf appeared in a restore: that image is stopped instead of writing garbage (one-line message)."""
+
+
+def _require_finite(x: mx.array, where: str, hint: str) -> None:
+    # One reduction and one sync per check: negligible next to the network call that produced `x`.
+    if not mx.all(mx.isfinite(x)).item():
+        raise NonFiniteError(f"NaN or Inf values appeared {where}; this image was stopped, nothing written ({hint})")
+
+
 @dataclass
 class StageStats:
     seconds: float = 0.0
@@ -195,6 +208,7 @@ class SupirRunner:
             report("stage1", 1, 2)
             x_stage1 = self.decode(z_lq, vae_tiles, group)
             mx.eval(x_stage1)
+            _require_finite(x_stage1, "in the stage-1 (denoising VAE) image", VAE_HINT)
             report("stage1", 2, 2, image=x_stage1)
             # Draw (1): officially always drawn; the encode itself is only needed for restoration guidance.
             posterior_noise = noise.next(z_lq.shape, mx.float32)
@@ -232,6 +246,7 @@ class SupirRunner:
             report("decode", 0, 1)
             decoded = self.decode(latent, vae_tiles, group)
             mx.eval(decoded)
+            _require_finite(decoded, "while decoding the sampled latent", VAE_HINT)
             trace.store("decoded_before_colorfix", decoded)
             if s.color_fix == "wavelet":
                 out = wavelet_color_fix(decoded, x_stage1)
@@ -266,7 +281,9 @@ class SupirRunner:
         report("sample", 0, steps * mine)
 
         def on_step(step):
-            """After each whole step: the step event (with the latent and x0 for Python callbacks)."""
+            """After each whole step: the NaN/Inf guard, then the step event (with the latent and x0 for callbacks)."""
+            _require_finite(step.x_out, f"at sampler step {step.index + 1} of {steps}",
+                            "try a lower --cfg or --control-scale, or --dtype float32")
             keep_step(step)
             if tiling is None:
                 report("sample", step.index + 1, steps)

@@ -79,13 +79,13 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     return np.append(sigmas, np.float32(0.0))
 
 
-def dpmpp_sigmas(n: int, num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
+def dpmpp_sigmas(n: int, num_timesteps: int = NUM_TIMESTEPS, rho: float = 7.0) -> np.ndarray:
     """The restoration DPM++ 2M sampler's sigmas: Karras between the ends of the n-step LEGACY schedule.
 
     sigma_min is the smallest non-zero legacy sigma of the same n (0.3977 for n = 8), so it depends on n.
     """
     legacy = legacy_sigmas(n, num_timesteps)
-    return karras_sigmas(n, legacy[-2], legacy[0])
+    return karras_sigmas(n, legacy[-2], legacy[0], rho)
 
 
 def initial_noise_scale(num_timesteps: int = NUM_TIMESTEPS) -> float:

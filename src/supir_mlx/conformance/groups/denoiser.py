@@ -29,7 +29,7 @@ def call_case(fixture: Fixture, ctx: Context) -> list[Comparison]:
 
     net = ctx.component("controlled_unet", lambda: ControlledUNet(ctx.config()), "model.")
     cond = Condition(mx.array(fixture["crossattn"]), mx.array(fixture["vector"]), nhwc(fixture["control"]))
-    out = DENOISER(net, nhwc(fixture["input"]), fixture["sigma"], cond, float(fixture.meta["control_scale"]))
+    out = DENOISER(net, nhwc(fixture["input"]), fixture["sigma"], cond, float(fixture.param("control_scale")))
     return [compare("out", nchw(out), fixture["out"], ctx.rtol("denoiser"))]
 
 

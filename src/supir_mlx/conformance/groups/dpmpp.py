@@ -29,9 +29,9 @@ DPM_FIELDS = {
 
 
 def sigmas_case(fixture: Fixture, rtol: float) -> list[Comparison]:
-    out = []
-    for n in fixture.meta["steps"]:
-        legacy, karras = legacy_sigmas(n), dpmpp_sigmas(n)
+    out, rho = [], float(fixture.param("rho"))
+    for n in fixture.param("steps"):
+        legacy, karras = legacy_sigmas(n), dpmpp_sigmas(n, rho=rho)
         out += [
             compare(f"legacy_sigmas_{n}", legacy, fixture[f"legacy_sigmas_{n}"], rtol),
             compare(f"karras_sigmas_{n}", karras, fixture[f"karras_sigmas_{n}"], rtol),
@@ -40,7 +40,7 @@ def sigmas_case(fixture: Fixture, rtol: float) -> list[Comparison]:
             compare(f"karras_sigmas_quantized_{n}", DENOISER.quantize(karras[:-1]), fixture[f"karras_sigmas_quantized_{n}"], rtol),
             compare(f"init_scale_{n}", [initial_noise_scale()], fixture[f"init_scale_{n}"], rtol),
         ]
-        for eta in fixture.meta["etas"]:
+        for eta in fixture.param("etas"):
             ks = [dpmpp_coefficients(karras, i, eta) for i in range(n)]
             for name in COEFFICIENTS:
                 key = f"coef_{n}_eta{eta:g}_{name}"
@@ -49,11 +49,11 @@ def sigmas_case(fixture: Fixture, rtol: float) -> list[Comparison]:
 
 
 def run_case(fixture: Fixture, denoise: DenoiseFn, rtol: float) -> list[Comparison]:
-    steps = int(fixture.meta["steps"])
+    steps = int(fixture.param("steps"))
     sigmas = dpmpp_sigmas(steps)
     noise = draws(fixture, "noise_sampler_")
     records: list = []
-    out = sample_restore_dpmpp(denoise, initial_latent(fixture), sigmas, options(fixture.meta), noise, records.append)
+    out = sample_restore_dpmpp(denoise, initial_latent(fixture), sigmas, options(fixture), noise, records.append)
     fields = dict(
         DPM_FIELDS,
         network_out_uc_c=lambda r: np.concatenate([nchw(r.uncond), nchw(r.cond)]),
@@ -68,16 +68,16 @@ def run_case(fixture: Fixture, denoise: DenoiseFn, rtol: float) -> list[Comparis
 
 
 def tiled_case(fixture: Fixture, denoise: DenoiseFn, rtol: float) -> list[Comparison]:
-    steps = int(fixture.meta["steps"])
+    steps = int(fixture.param("steps"))
     sigmas = dpmpp_sigmas(steps)
-    tiling = Tiling(int(fixture.meta["tile_size"]), int(fixture.meta["tile_stride"]))
+    tiling = Tiling(int(fixture.param("tile_size")), int(fixture.param("tile_stride")))
     x = initial_latent(fixture)
     _, h, w, c = x.shape
     noise = draws(fixture, "noise_sampler_")
     steps_done: list = []
     tiles: list = []
     out = sample_tiled_restore_dpmpp(
-        denoise, x, sigmas, options(fixture.meta), tiling, noise, steps_done.append, tiles.append
+        denoise, x, sigmas, options(fixture), tiling, noise, steps_done.append, tiles.append
     )
     weights = np.broadcast_to(tiling.weights(h, w), (1, c, *tiling.tile_shape(h, w)))
     fields = dict(

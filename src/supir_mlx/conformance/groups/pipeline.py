@@ -52,11 +52,11 @@ def replayed_draws(fixture: Fixture) -> ReplayNoise:
 
 
 def run_pipeline(fixture: Fixture, ctx: Context, sampler: str, rtol: float) -> list[Comparison]:
-    settings = settings_from_kwargs(fixture.meta["kwargs"], ctx, sampler)
+    settings = settings_from_kwargs(fixture.param("kwargs"), ctx, sampler)
     runner = ctx.cached("runner", lambda: SupirRunner(ctx.model()))
     trace = Trace(keep=True)
     noise = replayed_draws(fixture)
-    out = runner.sample(mx.array(nhwc(fixture["x"])), [fixture.meta["caption"]], settings, noise, tiling=None, trace=trace)
+    out = runner.sample(mx.array(nhwc(fixture["x"])), [fixture.param("caption")], settings, noise, tiling=None, trace=trace)
     if noise.remaining:
         raise AssertionError(f"{noise.remaining} recorded draws were not used")
     t = trace.tensors

@@ -10,13 +10,11 @@ from ...pipeline import preprocess as pp
 
 
 def run(fixture, ctx) -> list[Comparison]:
-    name = fixture.path.stem
+    name, p = fixture.path.stem, fixture.param
     if name.startswith("pil2tensor_"):
-        # e.g. pil2tensor_45x30_up2_min64_fixNone
-        _, _, up, mn, fix = name.split("_")
-        fix_resize = None if fix == "fixNone" else int(fix[3:])
         img = Image.fromarray(fixture["image_hwc_uint8"])
-        x, h0, w0 = pp.pil_to_tensor(img, int(up[2:]), int(mn[3:]), fix_resize)
+        fix = p("fix_resize")
+        x, h0, w0 = pp.pil_to_tensor(img, p("upscale"), int(p("min_size")), None if fix is None else int(fix))
         ref_x = fixture["x"].transpose(1, 2, 0)[None]
         return [
             # float x is exact up to 1e-6 absolute (the README's rule for this group), not relative.
@@ -26,14 +24,14 @@ def run(fixture, ctx) -> list[Comparison]:
                           fixture["tensor2pil_hwc_uint8"]),
         ]
     if name.startswith("gradio_"):
-        _, _, up, mn, unit = name.split("_")
         hwc3 = pp.hwc3(fixture["rgba_uint8"])
         ref3 = fixture["hwc3_uint8"]
-        up_img = pp.upscale_image(ref3, int(up[2:]), min_size=int(mn[3:]), unit_resolution=int(unit[4:]))
+        up_img = pp.upscale_image(ref3, p("upscale"), min_size=int(p("min_size")),
+                                  unit_resolution=int(p("unit_resolution")))
+        fixed = pp.fix_resize(ref3, size=int(p("fix_resize_size")), unit_resolution=int(p("fix_resize_unit_resolution")))
         return [
             compare_exact("hwc3_uint8", hwc3, ref3),
             compare_exact("upscaled_uint8", up_img, fixture["upscaled_uint8"]),
-            compare_exact("fix_resize_uint8", pp.fix_resize(ref3, size=64, unit_resolution=64),
-                          fixture["fix_resize_uint8"]),
+            compare_exact("fix_resize_uint8", fixed, fixture["fix_resize_uint8"]),
         ]
     raise ValueError(f"unknown preprocess fixture {name}")

@@ -1,6 +1,6 @@
 """`sampler/`: RestoreEDMSampler runs with the real tiny network and the recorded churn draws.
 
-Also the helpers the other sampling groups share: options from fixture metadata, the network, the
+Also the helpers the other sampling groups share: options from the case's params, the network, the
 conditions, the per-step tensor stacking.
 """
 
@@ -24,18 +24,20 @@ def flag(v) -> bool:
     return v is True or str(v).lower() == "true"
 
 
-def options(meta: dict) -> SamplerOptions:
+def options(fixture: Fixture) -> SamplerOptions:
+    p = fixture.param
     return SamplerOptions(
-        cfg=float(meta["cfg"]),
-        cfg_start=float(meta["cfg_start"]),
-        linear_cfg=flag(meta["linear_cfg"]),
-        control_scale=float(meta["control_scale"]),
-        control_start=float(meta["control_start"]),
-        linear_control=flag(meta["linear_control"]),
-        restore_cfg=float(meta["restore_cfg"]),
-        s_churn=float(meta["s_churn"]),
-        s_noise=float(meta["s_noise"]),
-        eta=float(meta.get("eta", 1.0)),
+        cfg=float(p("cfg")),
+        cfg_start=float(p("cfg_start")),
+        linear_cfg=flag(p("linear_cfg")),
+        control_scale=float(p("control_scale")),
+        control_start=float(p("control_start")),
+        linear_control=flag(p("linear_control")),
+        restore_cfg=float(p("restore_cfg")),
+        s_churn=float(p("s_churn")),
+        s_noise=float(p("s_noise")),
+        # eta only moves the DPM++ sampler; the EDM cases do not record it and never read it
+        eta=float(p("eta")) if "eta" in fixture.params else SamplerOptions.eta,
     )
 
 
@@ -92,12 +94,12 @@ EDM_FIELDS = {
 
 def edm_case(fixture: Fixture, denoise: DenoiseFn, rtol: float) -> list[Comparison]:
     """Run the fixture's EDM case with `denoise` and compare the output and every per-step tensor."""
-    steps = int(fixture.meta["steps"])
+    steps = int(fixture.param("steps"))
     sigmas = legacy_sigmas(steps)
     noise = draws(fixture, "randn_")
     records: list = []
     out = sample_restore_edm(
-        denoise, initial_latent(fixture), sigmas, options(fixture.meta), nhwc(fixture["x_center"]), noise, records.append
+        denoise, initial_latent(fixture), sigmas, options(fixture), nhwc(fixture["x_center"]), noise, records.append
     )
     fields = dict(
         EDM_FIELDS,

@@ -77,6 +77,7 @@ def _prepare_condition(fixture: Fixture, cond, captions: list[str], ctx: Context
         compare("uc_vector", np.array(uc_y), fixture["uc_vector"], rtol),
         compare("c_control", control, fixture["c_control"], 0.0),
         compare("uc_control", control, fixture["uc_control"], 0.0),
-        compare("size_emb_1024_1024", np.array(size_embedding((1024, 1024))), fixture["size_emb_1024_1024"], rtol),
-        compare("size_emb_0_0", np.array(size_embedding((0, 0))), fixture["size_emb_0_0"], rtol),
+        # size_emb_<h>_<w>: the size each embedding was made for is in its key
+        *(compare(k, np.array(size_embedding((int(m[1]), int(m[2])))), fixture[k], rtol)
+          for k in sorted(fixture.tensors) if (m := re.fullmatch(r"size_emb_(\d+)_(\d+)", k))),
     ]

@@ -13,15 +13,15 @@ from .sampler import EDM_FIELDS, compare_steps, draws, initial_latent, network_d
 
 
 def tiled_edm_case(fixture: Fixture, denoise: DenoiseFn, rtol: float) -> list[Comparison]:
-    steps = int(fixture.meta["steps"])
+    steps = int(fixture.param("steps"))
     sigmas = legacy_sigmas(steps)
-    tiling = Tiling(int(fixture.meta["tile_size"]), int(fixture.meta["tile_stride"]))
+    tiling = Tiling(int(fixture.param("tile_size")), int(fixture.param("tile_stride")))
     x = initial_latent(fixture)
     _, h, w, c = x.shape
     noise = draws(fixture, "randn_")
     tiles: list = []
     out = sample_tiled_restore_edm(
-        denoise, x, sigmas, options(fixture.meta), tiling, nhwc(fixture["x_center"]), noise, tile_callback=tiles.append
+        denoise, x, sigmas, options(fixture), tiling, nhwc(fixture["x_center"]), noise, tile_callback=tiles.append
     )
     weights = np.broadcast_to(tiling.weights(h, w), (1, c, *tiling.tile_shape(h, w)))
     return [

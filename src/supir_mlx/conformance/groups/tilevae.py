@@ -13,7 +13,7 @@ def run(fixture: Fixture, ctx: Context) -> list[Comparison]:
 
     model = vae(ctx)
     rtol = ctx.rtol("tilevae")
-    enc_tile, dec_tile = int(fixture.meta["encoder_tile"]), int(fixture.meta["decoder_tile"])
+    enc_tile, dec_tile = int(fixture.param("encoder_tile")), int(fixture.param("decoder_tile"))
     x, z = to_nhwc(fixture["x"]), to_nhwc(fixture["z"])
     out = []
     for name, size, tile, is_decoder in (

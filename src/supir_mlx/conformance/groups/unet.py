@@ -20,6 +20,6 @@ def run(fixture: Fixture, ctx: Context) -> list[Comparison]:
         mx.array(fixture["context"]),
         mx.array(fixture["y"]),
         [nhwc(fixture[f"control_{i:02d}"]) for i in range(n)],
-        control_scale=float(fixture.meta["control_scale"]),
+        control_scale=float(fixture.param("control_scale")),
     )
     return [compare("out", nchw(out), fixture["out"], ctx.rtol("unet"))]
