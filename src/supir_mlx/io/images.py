@@ -22,6 +22,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from tempfile import TemporaryFile
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -91,7 +92,7 @@ class _DecoderMessages:
 
     def __init__(self):
         self.caught: list[str] = []
-        self._err = tempfile.TemporaryFile()
+        self._err = TemporaryFile()
 
     def libtiff(self) -> str:
         self._err.seek(0)
@@ -435,7 +436,8 @@ def save_image(path: str | Path, rgb: np.ndarray, *, bits: int = 8, format: str 
         except ImageCms.PyCMSError as e:
             raise ImageError(f"{path}: invalid ICC profile ({e})") from None
         px = np.asarray(conv)
-    exif_out = metadata.exif_bytes(exif, provenance, (w, h)) if (exif or provenance) else None
+    exif_out = metadata.exif_bytes(exif, provenance, (w, h), fmt, srgb=not isinstance(icc, bytes)) \
+        if (exif or provenance) else None
     xmp_out = metadata.xmp_packet(provenance, xmp) if provenance else xmp
     iim = metadata.iptc_bytes(iptc) if iptc else None
     with atomic_write(path, overwrite) as dest:

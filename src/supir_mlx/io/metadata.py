@@ -89,10 +89,32 @@ _LAYOUT_TAGS = {254, 255, 256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 280,
                 325, 338, 339, 340, 341, 513, 514, 530, 531, 532, 700, 33723, 34675}
 
 
-def exif_bytes(existing: bytes | None, prov: dict[str, Any] | None, size: tuple[int, int]) -> bytes:
-    """The input's EXIF with orientation reset to 1, the new pixel size, and our description/record."""
+# EXIF 2.32 (CIPA DC-008) tags an Exif IFD must hold, and the IFD0 resolution tags JPEG and TIFF files must hold:
+# the defaults describe what we write (an sRGB image of unknown physical size; Y/Cb/Cr order for JPEG).
+_EXIF_VERSION, _COMPONENTS, _FLASHPIX, _COLOR_SPACE = 0x9000, 0x9101, 0xA000, 0xA001
+_X_RES, _Y_RES, _RES_UNIT, _YCBCR_POSITIONING = 0x011A, 0x011B, 0x0128, 0x0213
+_UNDEFINED = 7
+
+
+def _register_exif_types() -> None:
+    """Pillow's table lacks the EXIF type of UserComment and ComponentsConfiguration, so it would store them as
+    BYTE; the standard (and `exiftool -validate`) wants UNDEFINED."""
+    from PIL import TiffTags
+
+    group = TiffTags.TAGS_V2_GROUPS.setdefault(_EXIF_IFD, {})
+    for tag, name in ((_USER_COMMENT, "UserComment"), (_COMPONENTS, "ComponentsConfiguration")):
+        if (group.get(tag) or TiffTags.TagInfo()).type != _UNDEFINED:
+            group[tag] = TiffTags.TagInfo(tag, name, _UNDEFINED, 0)
+
+
+def exif_bytes(existing: bytes | None, prov: dict[str, Any] | None, size: tuple[int, int], fmt: str = "JPEG",
+               srgb: bool = True) -> bytes:
+    """The input's EXIF with orientation reset to 1, the new pixel size, and our description/record, completed with
+    the tags the EXIF standard requires in a `fmt` file ("JPEG", "TIFF", "PNG", "WEBP"); `srgb` False when the
+    pixels carry another ICC profile (ColorSpace "uncalibrated")."""
     from PIL import Image
 
+    _register_exif_types()
     exif = Image.Exif()
     if existing:
         exif.load(existing)
@@ -100,12 +122,25 @@ def exif_bytes(existing: bytes | None, prov: dict[str, Any] | None, size: tuple[
         del exif[tag]
     exif[_ORIENTATION] = 1
     ifd = exif.get_ifd(_EXIF_IFD)
-    if _PIXEL_X in ifd or _PIXEL_Y in ifd or prov:
+    if fmt == "TIFF":  # a TIFF's own directory gives its size; these two are not allowed there
+        ifd.pop(_PIXEL_X, None)
+        ifd.pop(_PIXEL_Y, None)
+    else:
         ifd[_PIXEL_X], ifd[_PIXEL_Y] = size
     if prov:
         exif[_DESCRIPTION] = NOTICE
         exif[_SOFTWARE] = software(prov)
         ifd[_USER_COMMENT] = b"ASCII\0\0\0" + to_json(prov).encode("ascii")
+    ifd.setdefault(_EXIF_VERSION, b"0232")
+    ifd.setdefault(_FLASHPIX, b"0100")
+    ifd[_COLOR_SPACE] = 1 if srgb else 0xFFFF
+    if fmt == "JPEG":
+        ifd.setdefault(_COMPONENTS, b"\x01\x02\x03\x00")
+        exif.setdefault(_YCBCR_POSITIONING, 1)
+    if fmt in ("JPEG", "TIFF") and not {_X_RES, _Y_RES} <= set(exif):
+        exif[_X_RES], exif[_Y_RES], exif[_RES_UNIT] = 72.0, 72.0, 2  # 72 dpi: "unknown", as cameras write
+    elif fmt in ("JPEG", "TIFF"):
+        exif.setdefault(_RES_UNIT, 2)
     return exif.tobytes()
 
 
