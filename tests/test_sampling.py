@@ -85,7 +85,7 @@ def test_tiled_dpmpp_replayed_denoised(reference_dir):
 
 def test_replay_detects_wrong_arithmetic(reference_dir):
     f = fixture(reference_dir, "sampler/sampler_B_8x8_churn5_linCFG_linCtrl")
-    f.meta = dict(f.meta, s_noise=1.0)  # the run used 1.01
+    f.params = dict(f.params, s_noise=1.0)  # the run used 1.01
     bad = [c.output for c in edm_case(f, replay(f["step_network_out_uc_c"]), REPLAY_RTOL) if not c.ok]
     # (not `out`: the last step returns the replayed denoised whatever x was)
     assert {"step_x_churned", "step_x_out"} <= set(bad)
