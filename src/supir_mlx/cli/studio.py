@@ -63,10 +63,16 @@ def studio(folder, output, host, port, no_browser, max_upload, weights, sdxl, su
                    "read its photos", err=True)
 
     def load():
-        # a converted folder names no captioner size: take the 13B one when converted, else the 7B (as `restore`)
-        size = "13b" if weights and captioner == "auto" else captioner
-        return _load(weights, sdxl, supir, model, "pruned", size, captioner_weights, dtype, None, quantize,
-                     memory_limit, offline, captioner == "none")
+        # photos yet to come: the weights, quantization and captioner a typical photo needs, chosen where
+        # `restore` and `watch` choose them (pipeline.planning); each photo is planned again when it runs
+        from ..pipeline.planning import WATCH_SIZE, LoadOptions, plan_run
+        from ..pipeline.settings import settings_for
+
+        options = LoadOptions(weights=weights, model=model, sdxl=sdxl, supir=supir, captioner=captioner,
+                              captioner_weights=captioner_weights, dtype=dtype,
+                              quantize=int(quantize) if quantize else None, memory_limit_gb=memory_limit,
+                              offline=offline)
+        return _load(plan_run([WATCH_SIZE], settings_for(model=model), options, captioned=captioner != "none"))
 
     work = tempfile.TemporaryDirectory(prefix="supir-studio-")
     try:
