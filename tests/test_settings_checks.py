@@ -114,9 +114,9 @@ def test_nan_during_sampling_stops_the_image(restorer, poison):
 def test_inf_while_decoding_stops_the_image(restorer, monkeypatch):
     real, calls = supir_module.SupirRunner.decode, []
 
-    def decode(self, z, tiles):
+    def decode(self, z, tiles, *rest):
         calls.append(1)
-        out = real(self, z, tiles)
+        out = real(self, z, tiles, *rest)
         return out * math.inf if len(calls) == 2 else out  # the stage-1 decode passes, the final one overflows
 
     monkeypatch.setattr(supir_module.SupirRunner, "decode", decode)
