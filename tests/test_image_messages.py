@@ -3,6 +3,7 @@ they become one short note for that file where they matter."""
 
 import io
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -94,9 +95,12 @@ def test_batch_output_has_one_line_per_problem(weights, tmp_path, capfd):
     jpeg_corrupt_exif(src / "b.jpg")
     tiff_oversized_tag(src / "c.tif")
     tiff_bad_lzw(src / "d.tif")
-    r = CliRunner().invoke(main, ["restore", str(src), "-o", str(tmp_path / "out"), "--weights", str(weights),
-                                  "--prompt", "x", "--steps", "1", "--min-size", "64", "-q"])
+    with warnings.catch_warnings(record=True) as stray:
+        warnings.simplefilter("always")
+        r = CliRunner().invoke(main, ["restore", str(src), "-o", str(tmp_path / "out"), "--weights", str(weights),
+                                      "--prompt", "x", "--steps", "1", "--min-size", "64", "-q"])
     _, err = capfd.readouterr()
+    assert not [str(w.message) for w in stray]  # none escaped to be printed by Python's warning machinery
     assert r.exit_code == 1
     lines = r.output.splitlines()
     assert f"  FAILED {src / 'a.png'}: damaged PNG file (bad header checksum in IHDR)" in lines

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -256,8 +257,10 @@ def _add_input(builder, source: Path) -> None:
 
     data = source.read_bytes()
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            mime = MIME.get(im.format or "", "application/octet-stream")
+        with warnings.catch_warnings():  # a damaged tag was reported when the input was read (io.images)
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                mime = MIME.get(im.format or "", "application/octet-stream")
     except (OSError, ValueError, Image.DecompressionBombError):
         mime = "application/octet-stream"
     builder.add_ingredient({"title": source.name, "relationship": "parentOf", "label": "input",

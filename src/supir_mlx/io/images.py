@@ -92,11 +92,15 @@ class _DecoderMessages:
 
     def __init__(self):
         self.caught: list[str] = []
-        self._err = TemporaryFile()
+        self._text = ""  # libtiff's output from finished captures
+        self._err = None  # the file the current capture sends fd 2 to
 
     def libtiff(self) -> str:
-        self._err.seek(0)
-        lines = [ln.strip() for ln in self._err.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+        text = self._text
+        if self._err is not None:
+            self._err.seek(0)
+            text += self._err.read().decode("utf-8", "replace")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         # libtiff prefixes the module or file name ("TIFFFillStrip: ...", "tempfile.tif: ..."): keep the message
         return "; ".join(dict.fromkeys(ln.split(": ", 1)[-1].rstrip(".") for ln in lines))
 
@@ -113,7 +117,7 @@ class _DecoderMessages:
 
     @contextlib.contextmanager
     def capture(self) -> Iterator["_DecoderMessages"]:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, TemporaryFile() as err:
             warnings.simplefilter("always")
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused with its own message
             try:
@@ -122,14 +126,18 @@ class _DecoderMessages:
                 saved = None
             if saved is not None:
                 sys.stderr.flush()
-                os.dup2(self._err.fileno(), 2)
+                os.dup2(err.fileno(), 2)
+            self._err = err
             try:
                 yield self
             finally:
                 if saved is not None:
                     os.dup2(saved, 2)
                     os.close(saved)
-                self.caught += [str(w.message) for w in caught]
+                err.seek(0)
+                self._text += err.read().decode("utf-8", "replace")
+                self._err = None
+                self.caught += [str(w.message) for w in caught if not issubclass(w.category, ResourceWarning)]
 
 
 @contextlib.contextmanager
