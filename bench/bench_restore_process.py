@@ -148,27 +148,38 @@ def parse_plan(text: str) -> dict:
     return {"stages": stages, "peak": float(peak.group(1)), "limit": float(peak.group(2)), "text": text}
 
 
-def stage_times(lines: list[tuple[float, str]]) -> dict[str, float]:
-    times = {}
-    for _, line in lines:
-        m = re.match(r"\s+(\w+)\s+([\d.]+) s\s+peak", line)
-        if m:
-            times[m.group(1)] = float(m.group(2))
-    return times
+# The command's stage events (--json) against the plan's stages: stage 1 also makes the encode the plan lists apart.
+PLAN_STAGES = {"caption": ("caption",), "stage1": ("stage-1", "encode"), "condition": ("text encoders",),
+               "sample": ("diffusion",), "decode": ("decode",)}
+
+
+def segments(run: dict) -> list[tuple[str, float, float]]:
+    """(stage, start, end) in seconds from the process start: 'load' until the first stage event, then each stage
+    from its first event to the next stage's (the process's own --json events)."""
+    marks = []
+    for t, line in run["lines"]:
+        if line.startswith("{"):
+            e = json.loads(line)
+            if e.get("event") == "stage" and (not marks or marks[-1][0] != e["stage"]):
+                marks.append((e["stage"], t))
+    bounds = [("load", 0.0)] + marks + [("end", run["seconds"])]
+    return [(name, t0, t1) for (name, t0), (_, t1) in zip(bounds, bounds[1:])]
 
 
 def report(name: str, run: dict, plan: dict) -> None:
     s = run["samples"]
     print(f"\n{name}: exit {run['rc']}, {run['seconds']:.0f} s wall")
-    if s:
-        top = max(s, key=lambda r: r[1])
-        print(f"  resident peak (VmHWM) {run['peak'] / GB:.2f} GB; at the highest sample: {top[1] / GB:.2f} GB "
-              f"({top[2] / GB:.2f} anonymous + {top[3] / GB:.2f} file-backed) at {top[0]:.0f} s")
-    for stage, secs in stage_times(run["lines"]).items():
-        print(f"  {stage:10s} {secs:8.1f} s")
+    print(f"  {'stage':10s} {'time':>8s} {'resident max':>13s} {'anon':>7s} {'file':>7s} {'planned':>9s}")
+    for stage, t0, t1 in segments(run):
+        inside = [r for r in s if t0 <= r[0] < t1] or [(0, 0, 0, 0, 0)]
+        top = max(inside, key=lambda r: r[1])
+        planned = [v for k, v in plan["stages"].items() if k.startswith(PLAN_STAGES.get(stage, ("-",)))]
+        print(f"  {stage:10s} {t1 - t0:7.0f}s {top[1] / GB:10.2f} GB {top[2] / GB:7.2f} {top[3] / GB:7.2f} "
+              f"{max(planned) if planned else float('nan'):6.2f} GB")
     err = run["peak"] / GB / plan["peak"] - 1
-    print(f"  plan: expected peak {plan['peak']:.2f} GB of {plan['limit']:.2f} GB; measured {run['peak'] / GB:.2f} GB "
-          f"({err:+.1%} against the plan; {'within' if run['peak'] / GB <= plan['limit'] else 'ABOVE'} the limit)")
+    print(f"  process peak (VmHWM) {run['peak'] / GB:.2f} GB; plan: expected peak {plan['peak']:.2f} GB of "
+          f"{plan['limit']:.2f} GB: {err:+.1%} against the plan, "
+          f"{'within' if run['peak'] / GB <= plan['limit'] else 'ABOVE'} the limit")
 
 
 def main() -> None:
@@ -197,6 +208,7 @@ def main() -> None:
     common = [str(photo), "--upscale", str(a.upscale), "--sdxl", str(sdxl_path), "--supir", str(supir_path),
               "--offline", "--captioner", "none", "--steps", str(a.steps), "--memory-limit", str(a.memory_limit),
               *a.extra.split()]
+    events = ["--json"]  # stage events on stdout mark where each stage starts
     env = {**os.environ, "SUPIR_MLX_HOME": str(a.work / "home")}
     planned = subprocess.run([*exe, "restore", *common, "--plan"], env=env, capture_output=True, text=True)
     print(planned.stdout + planned.stderr)
@@ -207,11 +219,11 @@ def main() -> None:
         subprocess.run(["rm", "-rf", str(a.work / "home")], check=True)
         print("\nfirst run (converts the checkpoints into the cache):")
         runs["first run (converting)"] = run_restore(
-            [*exe, "restore", *common, "-o", str(a.work / "out_first.png"), "--overwrite"], env)
+            [*exe, "restore", *common, *events, "-o", str(a.work / "out_first.png"), "--overwrite"], env)
     if a.runs in ("both", "cached"):
         print("\nsecond run (from the cache):")
         runs["second run (cached weights)"] = run_restore(
-            [*exe, "restore", *common, "-o", str(a.work / "out_cached.png"), "--overwrite"], env)
+            [*exe, "restore", *common, *events, "-o", str(a.work / "out_cached.png"), "--overwrite"], env)
     for name, run in runs.items():
         report(name, run, plan)
     (a.work / "samples.json").write_text(json.dumps({k: {**v, "lines": v["lines"]} for k, v in runs.items()}))

@@ -6,8 +6,7 @@ Peak = max over stages of (weights resident in that stage + that stage's activat
   `nbytes` summed; LLaVA-1.5 likewise, as its converted folder loads (4-bit language model, the rest in the run's
   dtype), with its KV cache counted by mlx-lm's allocation rule.
 - The tiled VAE's stages come from `pipeline.tiled_vae.plan_tiles`, which also picks the VAE tiles for
-  the memory left by the weights (its estimates are within -4%..+9% of every tiled pass the benchmarks
-  measured: encoder 768/1024/2048 px, decoder 768/1024/2048 px, in RAM and spilled; bench/README.md).
+  the memory left by the weights (its constants and the passes they were fitted to: tiled_vae.COPIES).
 - The other activations follow formulas fitted to peaks measured with `bench/bench_restore_memory.py --calibrate`
   (full-size random-weight networks, MLX CPU backend, fp32 activations; fp16/bf16 activations are
   taken as half of those, an assumption not measured). See each formula's comment.
@@ -41,6 +40,10 @@ WORKING_SET_OF_RAM = 2 / 3  # Metal's recommended working set is about 2/3 of RA
 MIN_BUDGET = 5 * GB
 DEFAULT_TILE = 128  # official sampler tile, latent pixels
 MIN_TILE = 32
+# MLX keeps freed buffers for reuse. Unbounded, that cache held the difference between a run's planned 6.98 GB
+# and its measured 9.74 GB process peak; a restore lets it use the room its plan leaves below the budget, but
+# at most this share of the planned peak, so what the process holds stays within it.
+CACHE_SHARE = 0.05
 
 # UNet + control encoder, one call on a [B, h, w] latent tile, fp32 activations:
 #   bytes = B * (UNET_PER_PIXEL * h*w + UNET_PER_SCORE * min(10 * (h*w/4)^2, 2^26)) * s/4 + UNET_FIXED
@@ -116,6 +119,11 @@ class Plan:
     @property
     def fits(self) -> bool:
         return self.peak <= self.budget
+
+    @property
+    def cache_limit(self) -> int:
+        """Bytes of freed buffers MLX may keep for reuse during this restore (mx.set_cache_limit)."""
+        return max(0, min(self.budget - self.peak, int(CACHE_SHARE * self.peak)))
 
     def __str__(self) -> str:
         q = f"{self.quant.bits}-bit{' (+3x3 convs)' if self.quant.convs else ''}" if self.quant else "none"

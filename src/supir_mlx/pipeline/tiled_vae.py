@@ -388,22 +388,24 @@ def tiled_decode(vae: AutoencoderKL, z: mx.array, tile_size: int, budget_bytes: 
 
 
 # --- choosing tile sizes -------------------------------------------------------------------------
-# Peak memory model (bytes), calibrated with bench/bench_tiled_vae.py on the MLX CPU backend:
+# Peak memory model (bytes):
 #   held    = in RAM: the state every tile keeps at the widest GroupNorm barrier, summed over the padded
 #             tiles (so the overlap counts); spilled: SPILL_COPIES states of one tile (read into a numpy
 #             buffer, then MLX, the recomputed barrier, the state written). Measured by
 #             bench/bench_restore_memory.py (full-size VAE, CPU, fp32): encoder 6 (2048 px, tile 512: 4.94 GB
 #             measured, 4.86 estimated); decoder 3 (1024 px tile 32: 3.63 GB, 2048 px tile 48: 6.11 GB, both
 #             within 2%; with 6 they were overestimated by 17-18%);
-#   working = what one tile needs while it runs, TILE_COPIES full-resolution activations of the widest
-#             channel count (a 3x3 convolution unfolds its input 9x on the CPU backend), plus the
-#             attention scores of the mid block (queries are chunked to MAX_SCORE_ELEMENTS).
-# Untiled there is no held state, but one lazy graph over the whole image keeps far more alive than
-# a tile does (UNTILED_COPIES, measured). Smaller tiles shrink `working` but grow `held` (more
-# overlap), so the largest tile that fits is the best one. Re-measure both factors on Metal.
-TILE_COPIES = 16
+#   working = what one tile (or the untiled pass) needs while it runs: COPIES full-resolution activations of
+#             the widest channel count, plus the attention scores of the mid block (queries are chunked to
+#             MAX_SCORE_ELEMENTS).
+# COPIES by (tiled, is_decoder), fitted to MLX allocator peaks of the full-size VAE (CPU backend, fp32,
+# Dec 2026, after the 3x3 convolutions stopped unfolding their input and the VAE started evaluating block by
+# block): encoder untiled 512 px 7.5, tiled 512/256 7.4; decoder untiled 512 px 6.0 and 1024 px 5.4,
+# tiled 512 px / tile 32 2.8 and 1024 px / tile 48 about 3.9 (from the resident memory of a real restore).
+# (Before those changes: 16 tiled, 48 untiled.) Smaller tiles shrink `working` but grow
+# `held` (more overlap), so the largest tile that fits is the best one. Re-measure on Metal.
+COPIES = {(False, False): 8, (False, True): 6, (True, False): 8, (True, True): 4}
 SPILL_COPIES = {False: 6, True: 3}  # by is_decoder
-UNTILED_COPIES = 48
 ENCODER_TILES = (2048, 1536, 1024, 768, 512, 384, 256, 192, 128)  # image pixels
 DECODER_TILES = (256, 192, 160, 128, 96, 64, 48, 32, 24, 16)  # latent pixels
 
@@ -484,7 +486,7 @@ def estimate_bytes(
         held, tile_px = 0, height * width
     tokens = tile_px // (f * f)
     scores = min(tokens * tokens, max(MAX_SCORE_ELEMENTS, tokens)) * 4
-    copies = TILE_COPIES if areas else UNTILED_COPIES
+    copies = COPIES[bool(areas), is_decoder]
     working = copies * widest * tile_px * dtype_size + scores
     output = height * width * 3 * 4 if is_decoder else tokens * 2 * cfg.z_channels * 4
     return held + working + output
