@@ -237,10 +237,11 @@ def test_a_photo_that_cannot_fit_and_missing_weights_are_one_sentence(tiny_weigh
     with running_studio(lambda: Restorer.from_weights(tiny_weights, memory_limit_gb=0.25), tmp_path / "o",
                         tmp_path / "w") as (studio, server):
         wait_for(lambda: studio.model_state == "ready", what="the model")
-        _, photo = upload(server, chart(tmp_path / "p.png", (40, 30)), "p.png")
-        code, plan = request(server.url + "api/plan", {"photo": photo["id"], "settings": {"upscale": 8}})
+        # 3200x2400 out: more than a 0.25 GB budget holds even with weights per stage and the smallest tiles
+        _, photo = upload(server, chart(tmp_path / "p.png", (200, 150)), "p.png")
+        code, plan = request(server.url + "api/plan", {"photo": photo["id"], "settings": {"upscale": 16}})
         assert code == 200 and plan["fits"] is False and "p.png cannot fit in memory" in plan["message"]
-        job = run_job(server, studio, photo["id"], upscale=8)
+        job = run_job(server, studio, photo["id"], upscale=16)
         assert job.state == "failed" and job.message.startswith("p.png cannot fit in memory")
         assert run_job(server, studio, photo["id"]).state == "done"  # the engine goes on
 

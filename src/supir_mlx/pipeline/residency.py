@@ -53,9 +53,11 @@ class Residency:
             if set(lazy) != keys:
                 missing = sorted(keys - set(lazy))
                 raise FileNotFoundError(f"the weight files no longer hold '{missing[0]}'; convert the weights again")
+            from ..memory import release_freed  # (memory imports the pipeline package)
+
             self.model.update(tree_unflatten(list(lazy.items())))
             gc.collect()
-            mx.clear_cache()
+            release_freed()
         for p in want - self.resident:
             params = dict(tree_flatten(self.model.parameters()))
             _read([params[k] for k in self._keys(p)])

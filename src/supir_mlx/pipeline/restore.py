@@ -282,6 +282,9 @@ class Restorer:
         x, h0, w0 = pil_to_tensor(img, s.upscale, s.min_size)
         H, W = x.shape[1:3]
         plan = self.plan(img.width, img.height, s)  # raises MemoryPlanError before any work if nothing fits
+        from ..memory import bound_native_heap
+
+        bound_native_heap()
         mx.set_cache_limit(plan.cache_limit)
         caption = s.prompt if s.prompt is not None else ""
         if s.prompt is None and self._will_caption(s):
