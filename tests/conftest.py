@@ -26,6 +26,12 @@ def tiny_weights(tmp_path_factory, reference_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def weights(tiny_weights) -> Path:
+    """The converted tiny weights under the name the CLI tests use (read-only: copy before breaking them)."""
+    return tiny_weights
+
+
 @pytest.fixture(scope="session", autouse=True)
 def config_dir(tmp_path_factory) -> Path:
     """A private config folder: the self-signed Content Credentials key is made there, not in the user's."""

@@ -3,7 +3,6 @@
 import os
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -64,15 +63,6 @@ def test_unlistable_folder_and_unreadable_file_are_reported(tmp_path, monkeypatc
     reasons = {p.name: r for p, r in skipped}
     assert reasons["sub"] == "folder cannot be read (permission denied)"
     assert reasons["good.png"] == "cannot be read (permission denied)"
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory, reference_dir):
-    out = tmp_path_factory.mktemp("w") / "tiny"
-    r = CliRunner().invoke(main, ["convert", str(reference_dir / "tiny" / "supir_tiny.safetensors"), "--config",
-                                  str(reference_dir / "tiny" / "config.json"), "--dtype", "float32", "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    return out
 
 
 def test_batch_output_and_summary_count_them(weights, tmp_path):

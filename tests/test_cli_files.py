@@ -157,15 +157,6 @@ class CountingRestore:
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory, reference_dir):
-    out = tmp_path_factory.mktemp("w") / "tiny"
-    r = run("convert", reference_dir / "tiny" / "supir_tiny.safetensors", "--config",
-            reference_dir / "tiny" / "config.json", "--dtype", "float32", "-o", out)
-    assert r.exit_code == 0, r.output
-    return out
-
-
 def make_inputs(folder: Path) -> dict:
     """One file per input kind the product reads; returns name -> (w, h) as displayed (orientation applied)."""
     folder.mkdir(parents=True, exist_ok=True)

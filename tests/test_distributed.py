@@ -19,11 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from supir_mlx import distributed, events
-from supir_mlx.cli import main
 
 LAUNCH = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
 SUPIR = str(Path(sys.executable).parent / "supir-mlx")
@@ -72,15 +70,6 @@ def launch(*command, marker=None):
     env = {**os.environ, **({"SUPIR_TEST_MARK": marker} if marker else {})}
     cmd = [*LAUNCH, "-n", "2", "--backend", "ring", "-p", str(free_ports()), *map(str, command)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory, reference_dir):
-    out = tmp_path_factory.mktemp("w") / "tiny"
-    r = CliRunner().invoke(main, ["convert", str(reference_dir / "tiny" / "supir_tiny.safetensors"), "--config",
-                                  str(reference_dir / "tiny" / "config.json"), "--dtype", "float32", "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    return out
 
 
 def photos(folder: Path, n: int, size=(40, 30)) -> list[Path]:

@@ -86,15 +86,6 @@ def test_user_comment_is_undefined_with_its_character_code(tmp_path):
     assert typ == 7 and tiff[offset:offset + 8] == b"ASCII\0\0\0"  # UNDEFINED, 8-byte character code first
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory, reference_dir):
-    out = tmp_path_factory.mktemp("w") / "tiny"
-    r = CliRunner().invoke(main, ["convert", str(reference_dir / "tiny" / "supir_tiny.safetensors"), "--config",
-                                  str(reference_dir / "tiny" / "config.json"), "--dtype", "float32", "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    return out
-
-
 def test_cli_restore_of_a_camera_jpeg_validates(weights, tmp_path):
     src = tmp_path / "camera.jpg"
     buf = io.BytesIO()

@@ -32,15 +32,6 @@ def no_traceback(r) -> bool:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, reference_dir):
-    out = tmp_path_factory.mktemp("w") / "tiny"
-    r = run("convert", reference_dir / "tiny" / "supir_tiny.safetensors", "--config", reference_dir / "tiny" / "config.json",
-            "--dtype", "float32", "-o", out)
-    assert r.exit_code == 0, r.output
-    return out
-
-
-@pytest.fixture(scope="module")
 def face_weights(tmp_path_factory, reference_dir):
     """The reduced reference detector and parser, converted like the real ones (architectures from their metadata)."""
     from supir_mlx.conformance import Fixture

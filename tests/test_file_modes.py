@@ -13,15 +13,6 @@ from supir_mlx.cli.caption import write_atomic
 from supir_mlx.io.images import save_image
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory, reference_dir):
-    out = tmp_path_factory.mktemp("w") / "tiny"
-    r = CliRunner().invoke(main, ["convert", str(reference_dir / "tiny" / "supir_tiny.safetensors"), "--config",
-                                  str(reference_dir / "tiny" / "config.json"), "--dtype", "float32", "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    return out
-
-
 @pytest.fixture(params=[0o022, 0o077, 0o002])
 def umask(request):
     old = os.umask(request.param)

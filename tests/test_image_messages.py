@@ -79,15 +79,6 @@ def test_decoder_warnings_become_notes(tmp_path, capfd):
     assert tags.notes == ["damaged metadata tags skipped"] and np.array_equal(tags.rgb, PIXELS)
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory, reference_dir):
-    out = tmp_path_factory.mktemp("w") / "tiny"
-    r = CliRunner().invoke(main, ["convert", str(reference_dir / "tiny" / "supir_tiny.safetensors"), "--config",
-                                  str(reference_dir / "tiny" / "config.json"), "--dtype", "float32", "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    return out
-
-
 def test_batch_output_has_one_line_per_problem(weights, tmp_path, capfd):
     src = tmp_path / "in"
     src.mkdir()

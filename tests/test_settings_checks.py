@@ -21,15 +21,6 @@ FAST = ["--steps", "2", "--min-size", "64", "--prompt", "x", "-q"]
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, reference_dir):
-    out = tmp_path_factory.mktemp("w") / "tiny"
-    r = CliRunner().invoke(main, ["convert", str(reference_dir / "tiny" / "supir_tiny.safetensors"), "--config",
-                                  str(reference_dir / "tiny" / "config.json"), "--dtype", "float32", "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    return out
-
-
-@pytest.fixture(scope="module")
 def restorer(weights):
     return Restorer.from_weights(weights)
 

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from supir_mlx import events
-from supir_mlx.cli import main
 from supir_mlx.io.watch import FolderWatcher
 
 
@@ -66,15 +64,6 @@ def test_a_file_is_ready_once_it_stops_changing(tmp_path, use_events):
         assert got == [growing] and time.monotonic() - t_last >= 0.6
         growing.write_bytes(png_bytes(2))  # a new version is handed out again
         until(lambda: w.ready() == [growing], timeout=10)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory, reference_dir):
-    out = tmp_path_factory.mktemp("w") / "tiny"
-    r = CliRunner().invoke(main, ["convert", str(reference_dir / "tiny" / "supir_tiny.safetensors"), "--config",
-                                  str(reference_dir / "tiny" / "config.json"), "--dtype", "float32", "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    return out
 
 
 class Watch:
