@@ -10,7 +10,6 @@ image features exist, so they are not resident beside the language model's KV ca
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import Callable
 
@@ -148,8 +147,9 @@ class Captioner:
         self.model = None
         self.tokenizer = None
         self.residency = None
-        gc.collect()
-        mx.clear_cache()
+        from .memory import release_freed  # (memory imports the pipeline package, which imports this)
+
+        release_freed()
 
     def __enter__(self) -> "Captioner":
         return self

@@ -112,7 +112,11 @@ def bound_native_heap() -> None:
 
 
 def release_freed() -> None:
-    """Return what is free to the system: MLX's buffer cache, and (glibc) free heap pages."""
+    """Return what is free to the system: unreachable Python objects' arrays, MLX's buffer cache, and (glibc)
+    free heap pages."""
+    import gc
+
+    gc.collect()
     mx.clear_cache()
     libc = _glibc()
     if libc is not None:

@@ -9,7 +9,6 @@ and using the part again reads it back: a few GB per image from the SSD, instead
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import Iterable
 
@@ -56,7 +55,6 @@ class Residency:
             from ..memory import release_freed  # (memory imports the pipeline package)
 
             self.model.update(tree_unflatten(list(lazy.items())))
-            gc.collect()
             release_freed()
         for p in want - self.resident:
             params = dict(tree_flatten(self.model.parameters()))

@@ -12,7 +12,6 @@ and resize back to exactly input size x upscale.
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -240,8 +239,9 @@ class Restorer:
         self.runner.use(staged)
         with Captioner.load(self.captioner_path) as captioner:
             text = captioner.caption(stage1, seed=s.seed)
-        gc.collect()
-        mx.clear_cache()
+        from ..memory import release_freed
+
+        release_freed()
         return text
 
     def restore(

@@ -8,7 +8,6 @@ tab) receives the same events.
 
 from __future__ import annotations
 
-import gc
 import math
 import secrets
 import threading
@@ -489,10 +488,9 @@ class Studio:
             self._changed()
 
     def _release(self) -> None:
-        import mlx.core as mx
+        from ..memory import release_freed
 
-        gc.collect()
-        mx.clear_cache()
+        release_freed()
 
     def _caption(self, job: Job, photo: Photo) -> None:
         job.stage = "caption"
