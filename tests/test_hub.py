@@ -117,6 +117,7 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     yield server
     server.server.shutdown()
+    server.server.server_close()  # shutdown() stops the loop; the listening socket needs closing too
 
 
 def test_download_into_standard_cache_then_reuse_without_network(fake, tmp_path):
