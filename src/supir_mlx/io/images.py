@@ -444,13 +444,13 @@ def save_image(path: str | Path, rgb: np.ndarray, *, bits: int = 8, format: str 
         except ImageCms.PyCMSError as e:
             raise ImageError(f"{path}: invalid ICC profile ({e})") from None
         px = np.asarray(conv)
-    exif_out = metadata.exif_bytes(exif, provenance, (w, h), fmt, srgb=not isinstance(icc, bytes)) \
-        if (exif or provenance) else None
     xmp_out = metadata.xmp_packet(provenance, xmp) if provenance else xmp
     iim = metadata.iptc_bytes(iptc) if iptc else None
-    with atomic_write(path, overwrite) as dest:
-        f = io.BytesIO() if sign else dest
-        full = px if a is None else np.concatenate([px, a[:, :, None]], axis=2)
+    full = px if a is None else np.concatenate([px, a[:, :, None]], axis=2)
+
+    def encode(f, exif_shift: int = 0):
+        exif_out = metadata.exif_bytes(exif, provenance, (w, h), fmt, srgb=not isinstance(icc, bytes),
+                                       shift=exif_shift) if (exif or provenance) else None
         if bits == 16 and fmt == "PNG":
             texts = {}
             if provenance:
@@ -469,11 +469,96 @@ def save_image(path: str | Path, rgb: np.ndarray, *, bits: int = 8, format: str 
         else:
             _save_pillow(f, Image.fromarray(full, "RGBA" if a is not None else "RGB"), fmt, jpeg_quality, profile,
                          exif_out, xmp_out, provenance, iim)
-        if sign:
-            signed = io.BytesIO()  # written to `dest` here, so a full disk reads as one, not as a library error
-            sign(fmt, f, signed)
-            dest.write(signed.getbuffer())
+        return f
+
+    with atomic_write(path, overwrite) as dest:
+        if sign:  # signed in memory and written to `dest` here, so a full disk reads as one, not as a library error
+            dest.write(_signed(fmt, sign, lambda shift: encode(io.BytesIO(), shift)))
+        else:
+            encode(dest)
     return path
+
+
+def _signed(fmt: str, sign: Callable[[str, Any, Any], None], encode: Callable[[int], io.BytesIO]) -> bytes:
+    """The encoded file with Content Credentials. In a PNG the credentials' JUMBF chunk comes before the EXIF, and
+    exiftool (Debian's 12.57 at least) keys each directory it reads by its offset inside its own chunk: an EXIF
+    directory at the offset of a JUMBF box is taken for a loop and skipped ("IFD0 pointer references previous
+    JUMBFBox directory"), so the EXIF would be invisible to it. There the EXIF's directories are moved clear of the
+    boxes (padding after the TIFF header, which the format allows) and the file is signed again."""
+    shift = 0
+    for _ in range(4):  # the JUMBF layout does not depend on the EXIF, so the second signing is the last in practice
+        signed = io.BytesIO()
+        sign(fmt, encode(shift), signed)
+        data = signed.getvalue()
+        chunks = _png_chunks(data) if fmt == "PNG" else {}
+        if b"eXIf" not in chunks or b"caBX" not in chunks:
+            return data
+        boxes = _jumbf_offsets(chunks[b"caBX"])
+        dirs = {d - shift for d in _tiff_directories(chunks[b"eXIf"])}
+        if not {d + shift for d in dirs} & boxes:
+            return data
+        shift = next(s for s in range(2, 1 << 20, 2) if not {d + s for d in dirs} & boxes)
+    return data
+
+
+def _png_chunks(data: bytes) -> dict[bytes, bytes]:
+    """The first chunk of each kind in a PNG, by kind."""
+    chunks: dict[bytes, bytes] = {}
+    pos = 8
+    while pos + 8 <= len(data):
+        n, kind = struct.unpack_from(">I4s", data, pos)
+        chunks.setdefault(kind, data[pos + 8:pos + 8 + n])
+        pos += 12 + n
+    return chunks
+
+
+def _tiff_directories(tiff: bytes) -> set[int]:
+    """Offsets of IFD0 and its EXIF, GPS and Interoperability sub-directories in a TIFF stream."""
+    e = "<" if tiff[:2] == b"II" else ">"
+    found: set[int] = set()
+
+    def walk(offset: int) -> None:
+        if offset in found or offset + 2 > len(tiff):
+            return
+        found.add(offset)
+        (n,) = struct.unpack_from(e + "H", tiff, offset)
+        for i in range(n):
+            if offset + 14 + 12 * i > len(tiff):
+                return
+            tag, _, _, value = struct.unpack_from(e + "HHII", tiff, offset + 2 + 12 * i)
+            if tag in (0x8769, 0x8825, 0xA005):
+                walk(value)
+
+    walk(struct.unpack_from(e + "I", tiff, 4)[0])
+    return found
+
+
+def _jumbf_offsets(jumbf: bytes) -> set[int]:
+    """Every offset in a JUMBF stream where a reader may start a directory: each box's start and content start,
+    recursively through superboxes, and every byte of the (short) description boxes, whose private fields are
+    boxes too."""
+    found: set[int] = set()
+
+    def walk(start: int, end: int) -> None:
+        pos = start
+        while pos + 8 <= end:
+            size, kind = struct.unpack_from(">I4s", jumbf, pos)
+            head = 8
+            if size == 1 and pos + 16 <= end:
+                size, head = struct.unpack_from(">Q", jumbf, pos + 8)[0], 16
+            elif size == 0:
+                size = end - pos
+            if size < head or pos + size > end:
+                return
+            found.update((pos, pos + head))
+            if kind == b"jumb":
+                walk(pos + head, pos + size)
+            elif kind == b"jumd":
+                found.update(range(pos, pos + size))
+            pos += size
+
+    walk(0, len(jumbf))
+    return found
 
 
 def _with_app13(jpeg: bytes, iim: bytes) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import struct
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -108,10 +109,11 @@ def _register_exif_types() -> None:
 
 
 def exif_bytes(existing: bytes | None, prov: dict[str, Any] | None, size: tuple[int, int], fmt: str = "JPEG",
-               srgb: bool = True) -> bytes:
+               srgb: bool = True, shift: int = 0) -> bytes:
     """The input's EXIF with orientation reset to 1, the new pixel size, and our description/record, completed with
     the tags the EXIF standard requires in a `fmt` file ("JPEG", "TIFF", "PNG", "WEBP"); `srgb` False when the
-    pixels carry another ICC profile (ColorSpace "uncalibrated")."""
+    pixels carry another ICC profile (ColorSpace "uncalibrated"). `shift` (even) bytes of padding go between the
+    TIFF header and the first directory, moving every directory by that much (see io.images._signed)."""
     from PIL import Image
 
     _register_exif_types()
@@ -141,7 +143,9 @@ def exif_bytes(existing: bytes | None, prov: dict[str, Any] | None, size: tuple[
         exif[_X_RES], exif[_Y_RES], exif[_RES_UNIT] = 72.0, 72.0, 2  # 72 dpi: "unknown", as cameras write
     elif fmt in ("JPEG", "TIFF"):
         exif.setdefault(_RES_UNIT, 2)
-    return exif.tobytes()
+    raw = exif.tobytes(8 + shift)  # laid out for a first directory at 8 + shift; the header still says 8
+    order = "<" if raw[6:8] == b"II" else ">"
+    return raw[:10] + struct.pack(order + "I", 8 + shift) + b"\0" * shift + raw[14:]
 
 
 def iptc_bytes(records: dict | bytes) -> bytes:
