@@ -8,6 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import host
+
 # Largest score matrix (elements, all heads of one batch item) computed in one piece. Above it the
 # queries are processed in chunks so a 512-channel single-head VAE attention over a 2048x2048 image
 # (65536^2 scores) never materialises.
@@ -37,7 +39,7 @@ def attention(
     v = v.reshape(b, nk, heads, dv).transpose(0, 2, 1, 3)
     chunk = max(1, MAX_SCORE_ELEMENTS // (heads * nk))
 
-    sdpa = _sdpa_cpu if _cpu() and q.dtype == mx.float32 else mx.fast.scaled_dot_product_attention
+    sdpa = _sdpa_cpu if _host(q) else mx.fast.scaled_dot_product_attention
 
     def part(i: int, j: int) -> mx.array:
         # An explicit mask: MLX's mask="causal" aligns the last query with the last key, wrong for a chunk.
@@ -51,23 +53,10 @@ def attention(
     return out.transpose(0, 2, 1, 3).reshape(b, nq, heads * dv)
 
 
-# Element-wise math on the CPU backend. MLX evaluates exp, erf and sigmoid there one scalar at a time (~40 M
-# elements/s for exp against ~300 M/s for a multiply-add; fused kernels are built without vector
-# instructions), so SiLU and GELU dominate a VAE pass. The CPU variants below compute exp from a polynomial and
-# the float's exponent bits, fused into two kernels, ~2-4x faster; relative error <= 2e-7 for exp, 4e-7 for
-# SiLU, 1.5e-7 absolute for erf (Abramowitz & Stegun 7.1.26), all below float32 noise at the reference
-# tolerances. GPU backends keep MLX's own functions.
-_LN2 = math.log(2.0)
-
-
-def _exp_nonpositive(x: mx.array) -> mx.array:
-    """exp(x) for x <= 0: 2^n * exp(f), n = round(x / ln 2), |f| <= ln(2) / 2, exp(f) to degree 7."""
-    t = mx.maximum(x, -87.0) * (1.0 / _LN2)
-    n = mx.round(t)
-    f = (t - n) * _LN2
-    f2 = f * f
-    p = (1.0 + f) + f2 * ((1 / 2 + f * (1 / 6)) + f2 * ((1 / 24 + f * (1 / 120)) + f2 * (1 / 720 + f * (1 / 5040))))
-    return p * ((n.astype(mx.int32) + 127) << 23).view(mx.float32)
+def _host(x: mx.array) -> bool:
+    """Whether element-wise work on `x` goes to models.host (float32 on MLX's CPU backend): there MLX runs it on
+    one thread with a scalar exp, 6-9x slower than NumPy's vectorised exp spread over the cores."""
+    return _cpu() and x.dtype == mx.float32
 
 
 @mx.compile
@@ -82,47 +71,23 @@ def _scale_shift_silu(x: mx.array, a: mx.array, b: mx.array) -> mx.array:
 
 
 @mx.compile
-def _silu_exp_cpu(x: mx.array, a: mx.array, b: mx.array) -> mx.array:
-    return _exp_nonpositive(-mx.abs(x.astype(mx.float32) * a + b))
-
-
-@mx.compile
-def _silu_finish_cpu(x: mx.array, a: mx.array, b: mx.array, e: mx.array) -> mx.array:
-    y = x.astype(mx.float32) * a + b
-    return (y * mx.where(y >= 0, 1.0, e) / (1.0 + e)).astype(x.dtype)  # y * sigmoid(y), e = exp(-|y|)
-
-
-@mx.compile
-def _gelu_exp_cpu(gate: mx.array) -> mx.array:
-    g = gate.astype(mx.float32)
-    return _exp_nonpositive(-0.5 * g * g)
-
-
-@mx.compile
-def _gated_gelu_finish_cpu(a: mx.array, gate: mx.array, e: mx.array) -> mx.array:
-    g = gate.astype(mx.float32)
-    t = 1.0 / (1.0 + 0.3275911 * mx.abs(g) * (1 / math.sqrt(2.0)))
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    erf_abs = 1.0 - poly * e  # erf(|g| / sqrt 2), e = exp(-g^2 / 2)
-    return (a * (0.5 * g * (1.0 + mx.where(g >= 0, erf_abs, -erf_abs)))).astype(a.dtype)
-
-
-@mx.compile
 def _gated_gelu(a: mx.array, gate: mx.array) -> mx.array:
     return a * nn.gelu(gate)
 
 
 def scale_shift_silu(x: mx.array, a: mx.array, b: mx.array) -> mx.array:
-    """SiLU(x * a + b) in one pass (two on the CPU backend)."""
-    if _cpu():
-        return _silu_finish_cpu(x, a, b, _silu_exp_cpu(x, a, b))
+    """SiLU(x * a + b) in one pass (two, the second in place, on the CPU backend)."""
+    if _host(x):
+        return host.silu_(_scale_shift(x, a, b))
     return _scale_shift_silu(x, a, b)
 
 
-def gated_gelu(a: mx.array, gate: mx.array) -> mx.array:
-    """a * GELU(gate) (exact, erf) for GEGLU, fused: one full-size result instead of one per element-wise op."""
-    if _cpu():
-        return _gated_gelu_finish_cpu(a, gate, _gelu_exp_cpu(gate))
+def geglu(h: mx.array) -> mx.array:
+    """a * GELU(gate) (exact, erf) for GEGLU's projection `h` = [a, gate]: one full-size result instead of one per
+    element-wise op (on the CPU backend, written over `h`'s first half, which the caller must own)."""
+    if _host(h):
+        return host.geglu_(h)
+    a, gate = mx.split(h, 2, axis=-1)
     return _gated_gelu(a, gate)
 
 
@@ -205,21 +170,16 @@ class GroupNorm(nn.Module):
         return self.normalize(x, *self.statistics(x), silu=silu)
 
 
-@mx.compile
-def _softmax_numerator(scores: mx.array, row_max: mx.array) -> mx.array:
-    return _exp_nonpositive(scores - row_max)
-
-
 def _sdpa_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
     """softmax(q k^T scale) v for [B, heads, N, D] float32 on the CPU backend, where MLX's fused attention falls
-    back to a softmax built on its scalar exp: the score matrix (646 M elements per full-size denoiser call)
-    goes through the polynomial exp instead, and the normalisation is applied to the output (D values per
+    back to a softmax on its one-thread scalar exp: the score matrix (646 M elements per full-size denoiser call)
+    is exponentiated in place by models.host, and the normalisation is applied to the output (D values per
     query) rather than to the scores (N values per query)."""
     scores = (q * scale) @ k.swapaxes(-1, -2)
     if mask is not None:
         scores = mx.where(mask, scores, -mx.inf)
-    e = _softmax_numerator(scores, mx.max(scores, axis=-1, keepdims=True))
-    return (e @ v) / mx.sum(e, axis=-1, keepdims=True)
+    e, sums = host.softmax_numerator_(scores)
+    return (e @ v) / sums
 
 
 def group_norm(channels: int, eps: float, groups: int = 32) -> GroupNorm:

@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from ..config import ConfigError, ProjectConfig, UNetConfig
 from .adapters import CrossAttention, ZeroCrossAttn, ZeroSFT
-from .layers import Conv2d, Upsample, gated_gelu, group_norm, timestep_embedding
+from .layers import Conv2d, Upsample, geglu, group_norm, timestep_embedding
 
 
 class ResBlock(nn.Module):
@@ -54,8 +54,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * inner)
 
     def __call__(self, x: mx.array) -> mx.array:
-        a, gate = mx.split(self.proj(x), 2, axis=-1)
-        return gated_gelu(a, gate)
+        return geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
