@@ -1,0 +1,80 @@
+"""The CPU backend's in-place NumPy element-wise math (models.host) against float64 references, on shapes that
+split into many blocks over the thread pool, strided inputs, and extreme values."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from supir_mlx.models import host, layers
+
+erf = np.vectorize(math.erf)
+
+
+def test_silu_matches_float64_including_extremes():
+    x = np.concatenate([np.linspace(-120, 120, 4001), np.random.default_rng(0).normal(0, 4, 200_000 - 4001)])
+    y = x.astype(np.float32).reshape(-1, 100)  # 2000 rows: several blocks per thread
+    got = np.array(host.silu_(mx.array(y)))
+    ref = y.astype(np.float64) / (1 + np.exp(-y.astype(np.float64)))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, ref, rtol=3e-7, atol=1e-30)
+
+
+def test_geglu_matches_exact_gelu_and_leaves_gate_alone():
+    rng = np.random.default_rng(1)
+    h = rng.normal(0, 3, (3000, 2 * 96)).astype(np.float32)
+    out = np.array(host.geglu_(mx.array(h)))
+    a, g = h[:, :96].astype(np.float64), h[:, 96:].astype(np.float64)
+    ref = a * 0.5 * g * (1 + erf(g / math.sqrt(2)))
+    assert out.shape == (3000, 96)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=4e-6 * np.abs(a).max())  # A&S 7.1.26: |erf error| <= 1.5e-7
+
+
+def test_softmax_numerator_and_sums():
+    rng = np.random.default_rng(2)
+    s = (rng.normal(0, 6, (2, 3, 700, 333))).astype(np.float32)
+    e, sums = host.softmax_numerator_(mx.array(s))
+    shifted = (s - s.max(-1, keepdims=True)).astype(np.float64)  # the float32 subtraction, as any fp32 softmax
+    ref = np.exp(shifted)
+    np.testing.assert_allclose(np.array(e), ref, rtol=3e-7, atol=1e-30)
+    np.testing.assert_allclose(np.array(sums), ref.sum(-1, keepdims=True), rtol=2e-6)
+    assert sums.shape == (2, 3, 700, 1)
+
+
+def test_strided_input_is_copied_not_corrupted():
+    base = mx.array(np.arange(40 * 30, dtype=np.float32).reshape(40, 30) / 100 - 6)
+    view = base.T  # not contiguous: host works on a contiguous copy, `base` stays as it was
+    before = np.array(base)
+    out = np.array(host.silu_(view))
+    np.testing.assert_array_equal(np.array(base), before)
+    ref = before.T.astype(np.float64) / (1 + np.exp(-before.T.astype(np.float64)))
+    np.testing.assert_allclose(out, ref, rtol=3e-7)
+
+
+def test_attention_on_cpu_uses_host_softmax_and_matches_float64():
+    assert layers._host(mx.zeros((1,), mx.float32)) == (mx.default_device() == mx.cpu)
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.normal(0, 1, (2, 300, 4 * 32)).astype(np.float32) for _ in range(3))
+    mask_free = np.array(layers.attention(mx.array(q), mx.array(k), mx.array(v), 4))
+    causal = np.array(layers.attention(mx.array(q), mx.array(k), mx.array(v), 4, causal=True))
+
+    def ref(causal_mask: bool):
+        qh, kh, vh = (t.astype(np.float64).reshape(2, 300, 4, 32).transpose(0, 2, 1, 3) for t in (q, k, v))
+        s = qh @ kh.swapaxes(-1, -2) / math.sqrt(32)
+        if causal_mask:
+            s = np.where(np.tril(np.ones((300, 300), bool)), s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        return ((p / p.sum(-1, keepdims=True)) @ vh).transpose(0, 2, 1, 3).reshape(2, 300, 128)
+
+    np.testing.assert_allclose(mask_free, ref(False), atol=2e-6)
+    np.testing.assert_allclose(causal, ref(True), atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_other_dtypes_do_not_go_to_host(dtype):
+    x = mx.array(np.linspace(-5, 5, 64, dtype=np.float32)).astype(dtype).reshape(1, 2, 2, 16)
+    y = layers.scale_shift_silu(x, mx.ones((1, 1, 1, 16)), mx.zeros((1, 1, 1, 16)))
+    assert y.dtype == dtype
+    ref = np.array(x.astype(mx.float32)) / (1 + np.exp(-np.array(x.astype(mx.float32))))
+    np.testing.assert_allclose(np.array(y.astype(mx.float32)), ref, rtol=1e-2, atol=1e-2)
