@@ -78,3 +78,15 @@ def test_other_dtypes_do_not_go_to_host(dtype):
     assert y.dtype == dtype
     ref = np.array(x.astype(mx.float32)) / (1 + np.exp(-np.array(x.astype(mx.float32))))
     np.testing.assert_allclose(np.array(y.astype(mx.float32)), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_group_statistics_of_a_strided_view_match_float64_and_leave_it_alone():
+    rng = np.random.default_rng(4)
+    full = mx.array((rng.normal(3, 2, (2, 70, 42, 64))).astype(np.float32))
+    x = full[:, :, :40]  # strided, as a CPU convolution's output is
+    before = np.array(full)
+    mean, var = host.group_statistics(x, 8)
+    ref = np.array(x).astype(np.float64).reshape(2, -1, 8, 8)
+    np.testing.assert_allclose(np.array(mean), ref.mean(axis=(1, 3)), rtol=1e-6)
+    np.testing.assert_allclose(np.array(var), ref.var(axis=(1, 3)), rtol=1e-6)
+    np.testing.assert_array_equal(np.array(full), before)

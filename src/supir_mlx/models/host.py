@@ -128,3 +128,45 @@ def geglu_(h: mx.array) -> mx.array:
 
     _run(s.shape[0], inner, block, scratch=2)
     return h[..., :inner]
+
+
+def group_statistics(x: mx.array, groups: int) -> tuple[mx.array, mx.array]:
+    """Per (sample, group) mean and biased variance [B, groups] of [B, H, ..., C], two-pass like PyTorch; read
+    through a view of `x` (which may be strided, e.g. a CPU convolution's output), never copied or written.
+    Bands of rows go to the threads; each sums in float32 within a band and in float64 across bands."""
+    mx.eval(x)
+    v = np.array(x, copy=False)
+    if v.dtype != np.float32:
+        raise TypeError("host math needs float32")
+    b, rows, c = v.shape[0], v.shape[1], v.shape[-1]
+    pixels = v[0, 0].size // c
+    axes = tuple(range(1, v.ndim - 1))
+    step = max(1, BLOCK_ELEMENTS // max(1, b * pixels * c))
+    shares = min(WORKERS, -(-rows // step))
+    bounds = [rows * i // shares for i in range(shares + 1)]
+
+    def summed(fn) -> np.ndarray:
+        def share(lo: int, hi: int) -> np.ndarray:
+            total = np.zeros((b, c), np.float64)
+            scratch = np.empty((b, min(step, hi - lo)) + v.shape[2:], np.float32)
+            for start in range(lo, hi, step):
+                stop = min(start + step, hi)
+                total += fn(v[:, start:stop], scratch[:, : stop - start]).sum(axis=axes)
+            return total
+
+        if shares == 1:
+            return share(0, rows)
+        return sum(f.result() for f in [_pool().submit(share, bounds[i], bounds[i + 1]) for i in range(shares)])
+
+    n = rows * pixels
+    per = c // groups
+    channel_mean = summed(lambda band, _: band) / n
+    mean = channel_mean.reshape(b, groups, per).mean(-1)
+    centre = np.repeat(mean, per, axis=1).astype(np.float32).reshape((b,) + (1,) * (v.ndim - 2) + (c,))
+
+    def centred_square(band: np.ndarray, t: np.ndarray) -> np.ndarray:
+        np.subtract(band, centre, out=t)
+        return np.square(t, out=t)
+
+    var = (summed(centred_square) / n).reshape(b, groups, per).mean(-1)
+    return mx.array(mean.astype(np.float32)), mx.array(var.astype(np.float32))
