@@ -5,7 +5,7 @@ Random weights (nothing is downloaded). Inputs as in sampling: latent [2, S, S, 
 vector [2, 2816], DDPM timestep index 500.
 
     python bench/bench_denoiser_step.py [--latent 64] [--dtype float16] [--warmup 1] [--runs 1]
-                                        [--part both|control|unet]
+                                        [--part both|control|unet] [--quantize 8|4]
 
 Defaults: float16 with one warm-up call on Metal; float32 without warm-up elsewhere (a CPU call takes
 minutes and has nothing to warm up). For reference, the official PyTorch code (fp32, 2-core x86 CPU)
@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten
 from supir_mlx.config import SUPIRConfig
 from supir_mlx.models.supir import Condition, ControlledUNet
 from supir_mlx.models.unet import Downsample, GLVControl, LightGLVUNet
+from supir_mlx.weights.quantize import QuantSpec, quantize
 
 GB = 1e9
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -50,6 +51,8 @@ def main() -> None:
         default="both",
         help="time one network alone (random control features for the UNet) where both do not fit in memory",
     )
+    p.add_argument("--quantize", type=int, choices=(4, 8), help="weights quantized as restore's plans do "
+                   "(Linear and 3x3 conv weights, group size 64); compute stays in --dtype")
     args = p.parse_args()
     dtype = DTYPES[args.dtype]
     cfg = SUPIRConfig.sdxl_v0()
@@ -62,10 +65,12 @@ def main() -> None:
     else:
         model = LightGLVUNet(cfg.unet, cfg.project)
     model.set_dtype(dtype)  # before the lazy random init is evaluated: no float32 copy ever exists
+    if args.quantize:
+        quantize(model, QuantSpec(bits=args.quantize, scope=("",)))
     mx.eval(model.parameters())
     n = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(
-        f"device {'metal' if metal else 'cpu'}  dtype {args.dtype}  latent {args.latent}x{args.latent}  batch 2"
+        f"device {'metal' if metal else 'cpu'}  dtype {args.dtype}  quantized {args.quantize or 'no'}  latent {args.latent}x{args.latent}  batch 2"
         f"  network {args.part}\n"
         f"build    {time.perf_counter() - start:7.1f} s  peak {mx.get_peak_memory() / GB:6.2f} GB"
         f"  ({n / 1e9:.3f} G parameters, {mx.get_active_memory() / GB:.2f} GB)"

@@ -126,3 +126,13 @@ def test_product_targets_are_planned(ram_gb, target_gb, monkeypatch):
     assert 0.95 * target_gb * GB <= budget <= target_gb * GB
     p = memory.plan(2048, 2048, dtype="float16", captioner="auto")
     assert p.fits and p.peak <= budget and p.captioner in ("13b", "7b")
+
+
+def test_a_quantized_plan_on_the_cpu_backend_says_what_it_costs_in_time():
+    quantized = str(memory.estimate(1024, 1024, dtype="float32", quant=QuantSpec(bits=8), captioner=None,
+                                    budget=int(8 * GB)))
+    plain = str(memory.estimate(1024, 1024, dtype="float32", quant=None, captioner=None, budget=int(8 * GB)))
+    line = "8-bit weights on the CPU backend are expanded layer by layer before each product"
+    assert (line in quantized) == (mx.default_device() == mx.cpu)
+    assert "1.4x the unquantized time" in quantized or mx.default_device() != mx.cpu
+    assert "unquantized time" not in plain

@@ -84,6 +84,12 @@ CAPTION_VISION_ACTIVATIONS = {"7b": 87_000_000, "13b": 96_000_000}
 CAPTION_PREFILL_TEMPORARIES = {"7b": 525_000_000, "13b": 790_000_000}
 
 
+# Time of a denoiser call with quantized weights against float32 ones on the CPU backend, where each quantized
+# layer dequantizes its weights for a BLAS product (bench_denoiser_step.py --quantize 8, full size, 64x64 latent,
+# 2-core x86-64: 55.6 s against 40.8 s). GPU backends multiply quantized weights directly.
+CPU_QUANT_SLOWDOWN = 1.36
+
+
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MMAP_THRESHOLD = 1 << 20
 
@@ -330,6 +336,9 @@ def estimate(
     ]
     spill = " (tile states spilled to disk)" if tiles.encoder_spill or tiles.decoder_spill else ""
     notes = (f"VAE tiles: encoder {tiles.encoder_tile} px, decoder {tiles.decoder_tile} latent px{spill}",)
+    if quant and mx.default_device() == mx.cpu:
+        notes += (f"{quant.bits}-bit weights on the CPU backend are expanded layer by layer before each product: "
+                  f"each sampler step takes about {CPU_QUANT_SLOWDOWN:.1f}x the unquantized time",)
     return Plan(width, height, tuple(stages), budget, str(dt).split(".")[-1], quant, unet_tile, cfg_batched, captioner,
                 tiles, staged, notes)
 

@@ -12,7 +12,6 @@ blocks of rows that fit in cache, spread over a small thread pool. GPU backends 
 
 from __future__ import annotations
 
-import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,9 +24,15 @@ BLOCK_ELEMENTS = 1 << 15  # per block: 128 KB of float32, with its temporary wel
 WORKERS = min(os.cpu_count() or 1, 8)
 
 
-@functools.cache
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(WORKERS, thread_name_prefix="supir-host")
+    """The process's pool (by pid: a forked child gets its own, the parent's threads do not exist there)."""
+    pid = os.getpid()
+    if pid not in _pools:
+        _pools[pid] = ThreadPoolExecutor(WORKERS, thread_name_prefix="supir-host")
+    return _pools[pid]
 
 
 def _rows(a: mx.array) -> tuple[mx.array, np.ndarray]:
