@@ -90,3 +90,13 @@ def test_group_statistics_of_a_strided_view_match_float64_and_leave_it_alone():
     np.testing.assert_allclose(np.array(mean), ref.mean(axis=(1, 3)), rtol=1e-6)
     np.testing.assert_allclose(np.array(var), ref.var(axis=(1, 3)), rtol=1e-6)
     np.testing.assert_array_equal(np.array(full), before)
+
+
+def test_gelu_and_quick_gelu_match_float64():
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 4, (1500, 130)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(np.array(layers.gelu(mx.array(x))), 0.5 * x64 * (1 + erf(x64 / math.sqrt(2))),
+                               rtol=0, atol=4e-6 * np.abs(x).max())
+    np.testing.assert_allclose(np.array(layers.quick_gelu(mx.array(x))), x64 / (1 + np.exp(-1.702 * x64)),
+                               rtol=3e-6, atol=1e-30)  # 1.702 x rounds in float32: ~|1.7 x| ulp through exp

@@ -15,14 +15,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import CLIPTextConfig, OpenCLIPTextConfig
-from .layers import attention
+from .layers import attention, gelu, quick_gelu
 
-
-def quick_gelu(x: mx.array) -> mx.array:
-    return x * mx.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": nn.gelu}
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}  # each applied to a fresh Linear output it may overwrite
 
 
 class CLIPAttention(nn.Module):
@@ -136,7 +131,7 @@ class OpenCLIPMLP(nn.Module):
         self.c_proj = nn.Linear(hidden, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.c_proj(nn.gelu(self.c_fc(x)))
+        return self.c_proj(gelu(self.c_fc(x)))
 
 
 class ResidualAttentionBlock(nn.Module):

@@ -84,14 +84,14 @@ def softmax_numerator_(scores: mx.array) -> tuple[mx.array, mx.array]:
     return scores, mx.array(sums).reshape(*scores.shape[:-1], 1)
 
 
-def silu_(y: mx.array) -> mx.array:
-    """SiLU(y) = y / (1 + exp(-y)), written over `y`."""
+def silu_(y: mx.array, beta: float = 1.0) -> mx.array:
+    """y * sigmoid(beta y) = y / (1 + exp(-beta y)), written over `y` (beta 1: SiLU; 1.702: CLIP's quick GELU)."""
     y, s = _rows(y)
 
     def block(lo: int, hi: int, t: np.ndarray) -> None:
         b = s[lo:hi]
-        np.negative(b, out=t)
-        np.exp(t, out=t)  # overflows to inf for y < -88: y / inf = -0, SiLU's limit
+        np.multiply(b, -beta, out=t)
+        np.exp(t, out=t)  # overflows to inf for beta y < -88: y / inf = -0, the limit
         t += 1.0
         np.divide(b, t, out=b)
 
@@ -104,32 +104,47 @@ _ERF_P = 0.3275911
 _ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 
+def _gelu(g: np.ndarray, t: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """GELU(g) (exact, erf) into `u`, with `t` as scratch; returns `u`."""
+    np.abs(g, out=t)
+    t *= _ERF_P / np.sqrt(np.float32(2.0))
+    t += 1.0
+    np.reciprocal(t, out=t)  # t = 1 / (1 + p |g| / sqrt 2)
+    np.multiply(t, _ERF_A[4], out=u)
+    for c in _ERF_A[3::-1]:
+        u += c
+        u *= t  # u = t (a1 + t (a2 + ...)): the polynomial
+    np.square(g, out=t)
+    t *= -0.5
+    np.exp(t, out=t)
+    u *= t
+    np.subtract(1.0, u, out=u)  # erf(|g| / sqrt 2)
+    np.copysign(u, g, out=u)
+    u += 1.0
+    u *= g
+    u *= 0.5
+    return u
+
+
+def gelu_(x: mx.array) -> mx.array:
+    """GELU(x) (exact, erf), written over `x`."""
+    x, s = _rows(x)
+
+    def block(lo: int, hi: int, t: np.ndarray, u: np.ndarray) -> None:
+        np.copyto(s[lo:hi], _gelu(s[lo:hi], t, u))
+
+    _run(s.shape[0], s.shape[1], block, scratch=2)
+    return x
+
+
 def geglu_(h: mx.array) -> mx.array:
-    """GEGLU on the projection `h` = [a, gate] (last axis): a * GELU(gate) (exact GELU, erf) written over the
-    `a` half; returns that half (a strided view of `h`)."""
+    """GEGLU on the projection `h` = [a, gate] (last axis): a * GELU(gate) written over the `a` half; returns that
+    half (a strided view of `h`)."""
     h, s = _rows(h)
     inner = s.shape[1] // 2
 
     def block(lo: int, hi: int, t: np.ndarray, u: np.ndarray) -> None:
-        a, g = s[lo:hi, :inner], s[lo:hi, inner:]
-        np.abs(g, out=t)
-        t *= _ERF_P / np.sqrt(np.float32(2.0))
-        t += 1.0
-        np.reciprocal(t, out=t)  # t = 1 / (1 + p |g| / sqrt 2)
-        np.multiply(t, _ERF_A[4], out=u)
-        for c in _ERF_A[3::-1]:
-            u += c
-            u *= t  # u = t (a1 + t (a2 + ...)): the polynomial
-        np.square(g, out=t)
-        t *= -0.5
-        np.exp(t, out=t)
-        u *= t
-        np.subtract(1.0, u, out=u)  # erf(|g| / sqrt 2)
-        np.copysign(u, g, out=u)
-        u += 1.0
-        u *= g
-        u *= 0.5  # GELU(g)
-        a *= u
+        s[lo:hi, :inner] *= _gelu(s[lo:hi, inner:], t, u)
 
     _run(s.shape[0], inner, block, scratch=2)
     return h[..., :inner]

@@ -82,6 +82,16 @@ def scale_shift_silu(x: mx.array, a: mx.array, b: mx.array) -> mx.array:
     return _scale_shift_silu(x, a, b)
 
 
+def gelu(x: mx.array) -> mx.array:
+    """GELU (exact, erf) of a result the caller owns (on the CPU backend it is overwritten)."""
+    return host.gelu_(x) if _host(x) else nn.gelu(x)
+
+
+def quick_gelu(x: mx.array) -> mx.array:
+    """CLIP's x * sigmoid(1.702 x) of a result the caller owns (on the CPU backend it is overwritten)."""
+    return host.silu_(x, 1.702) if _host(x) else x * mx.sigmoid(1.702 * x)
+
+
 def geglu(h: mx.array) -> mx.array:
     """a * GELU(gate) (exact, erf) for GEGLU's projection `h` = [a, gate]: one full-size result instead of one per
     element-wise op (on the CPU backend, written over `h`'s first half, which the caller must own)."""

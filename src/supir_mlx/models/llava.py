@@ -23,6 +23,7 @@ from PIL import Image
 
 from ..config import ConfigError
 from .clip_vision import CLIPVisionConfig, CLIPVisionModel
+from .layers import gelu
 
 # OpenAI CLIP normalisation (CLIPImageProcessor defaults, used by LLaVA-1.5).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -45,7 +46,7 @@ HF_LLAMA_DEFAULTS = {
 
 # LLaVA-1.5 language models (vicuna-v1.5): hidden, layers, heads, mlp; vision tower and projector are shared.
 LLAVA_V15_SIZES = {"7b": (4096, 32, 32, 11008), "13b": (5120, 40, 40, 13824)}
-PROJECTOR_ACTS = {"gelu": nn.gelu}
+PROJECTOR_ACTS = {"gelu": gelu}
 
 
 @dataclass(frozen=True)
