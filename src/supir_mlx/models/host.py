@@ -1,10 +1,10 @@
 """Element-wise math done in place by NumPy on MLX's CPU backend (float32 only).
 
 MLX's CPU backend runs element-wise kernels on one thread, and its exp one scalar at a time (~40 M elements/s;
-~100 M/s for the polynomial exp we used before): SiLU after GroupNorm ran at 55-80 M elements/s, a third of a
-VAE pass. NumPy's float32 exp is vectorised (~1 G elements/s per thread, within 2 ulp) and releases the GIL, so
-on 2 cores SiLU runs 6-9x faster here, GEGLU's GELU 2.5x and the attention softmax (with its two matmuls)
-2.7x. An evaluated MLX array is shared with NumPy through the buffer protocol
+~100 M/s even through a polynomial exp): SiLU after GroupNorm ran at 55-80 M elements/s, a third of a VAE pass.
+NumPy's float32 exp is vectorised (~1 G elements/s per thread, within 2 ulp) and releases the GIL, so on 2
+cores SiLU runs 6-9x faster, GEGLU's GELU 2.7x, the attention core (softmax and its two matmuls) 2.7x and the
+GroupNorm statistics 1.4-3.3x. An evaluated MLX array is shared with NumPy through the buffer protocol
 (`np.array(a, copy=False)`), and MLX documents that writes to that view reach the array: each function here
 takes an array that the caller has just produced and owns, evaluates it, and rewrites it in place. Work goes in
 blocks of rows that fit in cache, spread over a small thread pool. GPU backends never come here.
@@ -18,11 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import mlx.core as mx
 import numpy as np
 
-BLOCK_ELEMENTS = 1 << 15  # per block: 128 KB of float32, with its temporary well inside a core's L2 cache
-
-
+BLOCK_ELEMENTS = 1 << 15  # per block: 128 KB of float32, with its temporaries well inside a core's L2 cache
 WORKERS = min(os.cpu_count() or 1, 8)
-
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 
