@@ -134,5 +134,5 @@ def test_a_quantized_plan_on_the_cpu_backend_says_what_it_costs_in_time():
     plain = str(memory.estimate(1024, 1024, dtype="float32", quant=None, captioner=None, budget=int(8 * GB)))
     line = "8-bit weights on the CPU backend are expanded layer by layer before each product"
     assert (line in quantized) == (mx.default_device() == mx.cpu)
-    assert "1.4x the unquantized time" in quantized or mx.default_device() != mx.cpu
+    assert "takes longer by a fixed amount, 15-22 s" in quantized or mx.default_device() != mx.cpu
     assert "unquantized time" not in plain

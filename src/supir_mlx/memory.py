@@ -58,10 +58,11 @@ CACHE_SHARE = 0.05
 UNET_PER_PIXEL = 110_488.0
 UNET_PER_SCORE = 7.38
 UNET_FIXED = 5_335_000
-# Dequantized 3x3 conv weights alive at once: MLX's lazy graph may dequantize several convs ahead of
-# their use (they do not depend on the activations). Measured on the full 4-bit model, 16x16 latent,
-# batch 1, fp32: 514.9 MB peak against 29.7 MB unquantized.
-QUANT_CONV_TRANSIENT = 485_000_000
+# Dequantized weights alive at once during a quantized call. Each layer's dequantization waits for its input
+# (weights.quantize, mx.depends), so about one is alive at a time. bench_denoiser_step.py --latent 16, batch 2,
+# fp32: 0.37 GB above the weights with 4-bit weights (3x3 convs included) against 0.24 GB unquantized. (Before
+# that wait: 485 MB, MLX dequantizing many layers ahead of their use.)
+QUANT_CONV_TRANSIENT = 130_000_000
 # Text encoders over 77 tokens, batch 2: a few MB of activations; 0.1 GB covers the attention
 # temporaries (estimate, not measured: the encoders run in well under 1% of the weights' bytes).
 TEXT_ACTIVATIONS = int(0.1 * GB)
@@ -84,10 +85,12 @@ CAPTION_VISION_ACTIVATIONS = {"7b": 87_000_000, "13b": 96_000_000}
 CAPTION_PREFILL_TEMPORARIES = {"7b": 525_000_000, "13b": 790_000_000}
 
 
-# Time of a denoiser call with quantized weights against float32 ones on the CPU backend, where each quantized
-# layer dequantizes its weights for a BLAS product (bench_denoiser_step.py --quantize 8, full size, 64x64 latent,
-# 2-core x86-64: 55.6 s against 40.8 s). GPU backends multiply quantized weights directly.
+# A denoiser call with quantized weights on the CPU backend, where each quantized layer dequantizes its weights
+# for a BLAS product, against float32 weights (bench_denoiser_step.py, full size, 2-core x86-64): 8-bit at a
+# 64x64 latent 55.6 s against 40.8 s (+15 s, 1.36x); 4-bit at 16x16 31.9 s against 10.2 s (+22 s). The cost is
+# per call, not per pixel. GPU backends multiply quantized weights directly.
 CPU_QUANT_SLOWDOWN = 1.36
+CPU_QUANT_SECONDS = (15, 22)
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -338,7 +341,9 @@ def estimate(
     notes = (f"VAE tiles: encoder {tiles.encoder_tile} px, decoder {tiles.decoder_tile} latent px{spill}",)
     if quant and mx.default_device() == mx.cpu:
         notes += (f"{quant.bits}-bit weights on the CPU backend are expanded layer by layer before each product: "
-                  f"each sampler step takes about {CPU_QUANT_SLOWDOWN:.1f}x the unquantized time",)
+                  f"every denoiser call (one per tile and step) takes longer by a fixed amount, "
+                  f"{CPU_QUANT_SECONDS[0]}-{CPU_QUANT_SECONDS[1]} s on a 2-core x86-64 machine "
+                  f"(about {CPU_QUANT_SLOWDOWN:.1f}x the unquantized time at a 64-latent tile)",)
     return Plan(width, height, tuple(stages), budget, str(dt).split(".")[-1], quant, unet_tile, cfg_batched, captioner,
                 tiles, staged, notes)
 
