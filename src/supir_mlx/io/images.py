@@ -493,11 +493,11 @@ def _signed(fmt: str, sign: Callable[[str, Any, Any], None], encode: Callable[[i
         chunks = _png_chunks(data) if fmt == "PNG" else {}
         if b"eXIf" not in chunks or b"caBX" not in chunks:
             return data
-        boxes = _jumbf_offsets(chunks[b"caBX"])
-        dirs = {d - shift for d in _tiff_directories(chunks[b"eXIf"])}
-        if not {d + shift for d in dirs} & boxes:
+        boxes, dirs = _jumbf_offsets(chunks[b"caBX"]), _tiff_directories(chunks[b"eXIf"])
+        if not dirs & boxes:
             return data
-        shift = next(s for s in range(2, 1 << 20, 2) if not {d + s for d in dirs} & boxes)
+        unshifted = {d - shift for d in dirs}
+        shift = next(s for s in range(2, 1 << 20, 2) if not {d + s for d in unshifted} & boxes)
     return data
 
 
