@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from ..distributed import all_sum
@@ -93,18 +92,20 @@ def needs_tiling(height: int, width: int, tile_size: int, is_decoder: bool) -> b
 
 
 # One step of the flat network: ("apply", f) h = f(h); ("res", f) residual = f(h); ("add", None)
-# h = h + residual; ("norm", gn) the GroupNorm barrier.
+# h = h + residual; ("norm", gn) and ("norm_silu", gn) the GroupNorm barrier, the second with the SiLU
+# that follows it folded into the normalising pass (the official queues the SiLU as its own step; the
+# values are the same, and a separate SiLU is one more pass over the activations, on MLX's CPU backend a
+# single-threaded one).
 Op = tuple[str, Callable | GroupNorm | None]
+BARRIERS = ("norm", "norm_silu")
 
 
 def _resblock_ops(block: ResnetBlock) -> list[Op]:
     return [
         ("res", block.shortcut),
-        ("norm", block.norm1),
-        ("apply", nn.silu),
+        ("norm_silu", block.norm1),
         ("apply", block.conv1),
-        ("norm", block.norm2),
-        ("apply", nn.silu),
+        ("norm_silu", block.norm2),
         ("apply", block.conv2),
         ("add", None),
     ]
@@ -130,7 +131,7 @@ def network_ops(net: Encoder | Decoder) -> list[Op]:
             ops.append(("apply", level[resample]))
     if isinstance(net, Encoder):
         ops += _mid_ops(net.mid)
-    return ops + [("norm", net.norm_out), ("apply", nn.silu), ("apply", net.conv_out)]
+    return ops + [("norm_silu", net.norm_out), ("apply", net.conv_out)]
 
 
 def _segments(ops: list[Op]) -> list[list[Op]]:
@@ -141,7 +142,7 @@ def _segments(ops: list[Op]) -> list[list[Op]]:
     """
     segments: list[list[Op]] = [[]]
     for op in ops:
-        if op[0] == "norm":
+        if op[0] in BARRIERS:
             segments.append([segments[-1].pop()] if segments[-1][-1][0] == "res" else [])
         segments[-1].append(op)
     return segments
@@ -159,8 +160,8 @@ def _pending_residuals(segments: list[list[Op]]) -> list[bool]:
 
 def _run(segment: list[Op], h: mx.array, res: mx.array | None, stats) -> tuple[mx.array, mx.array | None]:
     for kind, f in segment:
-        if kind == "norm":
-            h = f.normalize(h, *stats)  # type: ignore[union-attr]
+        if kind in BARRIERS:
+            h = f.normalize(h, *stats, silu=kind == "norm_silu")  # type: ignore[union-attr]
         elif kind == "res":
             res = f(h)  # type: ignore[operator]
         elif kind == "add":
