@@ -7,12 +7,13 @@ import shutil
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
 from supir_mlx.config import SUPIRConfig
 from supir_mlx.weights import cache
-from supir_mlx.weights.quantize import QuantizedConv2d, QuantizedLinear, QuantSpec
+from supir_mlx.weights.quantize import QuantizedConv2d, QuantizedLinear, QuantSpec, quantize
 
 
 @pytest.fixture
@@ -72,6 +73,42 @@ def test_quantized_entry_loads_quantized_and_close(tiny, tmp_path):
     conv = q.model.diffusion_model.input_blocks[1][0].in_layers[2]
     back = mx.dequantize(conv.weight, conv.scales, conv.biases, 32, 8).reshape(w.shape)
     assert (mx.abs(back - w).max() / mx.abs(w).max()).item() < 0.01
+    # written module by module, the entry holds exactly what quantizing the whole model in memory gives
+    whole = params(quantize(cache.load(cache.ensure([src], "float32", None, config, root, log=lambda m: None)), spec))
+    stored = params(q)
+    assert stored.keys() == whole.keys()
+    assert all(mx.array_equal(stored[k], whole[k]).item() and stored[k].dtype == whole[k].dtype for k in whole)
+
+
+def test_streaming_safetensors_is_standard_and_holds_one_module(tmp_path):
+    modules, size = 12, 1 << 20  # 4 MB of float32 per weight
+
+    def lazy() -> dict:  # nothing exists before evaluation, as with a quantization of mapped weights
+        arrays = {}
+        for i in range(modules):
+            arrays[f"blocks.{i}.weight"] = mx.random.normal((size,), key=mx.random.key(i))
+            arrays[f"blocks.{i}.bias"] = mx.arange(8, dtype=mx.int32) + i
+        arrays["head.w"] = mx.arange(32).astype(mx.bfloat16).reshape(4, 8).T  # a strided view
+        return arrays
+
+    truth = lazy()
+    mx.eval(truth)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    arrays, path = lazy(), tmp_path / "w.safetensors"
+    cache.save_streaming(path, arrays, {"format": "mlx"})
+    assert not arrays  # each array dropped once written
+    assert mx.get_peak_memory() - base < 3 * 4 * size  # about one weight at a time, not all 12
+    back = mx.load(str(path))
+    assert back.keys() == truth.keys()
+    assert all(mx.array_equal(back[k], truth[k]).item() and back[k].dtype == truth[k].dtype for k in truth)
+    from safetensors import safe_open  # the reference reader agrees on the layout
+
+    with safe_open(str(path), "np") as f:
+        assert f.metadata() == {"format": "mlx"}
+        np.testing.assert_array_equal(f.get_tensor("blocks.3.bias"), np.arange(8) + 3)
+        np.testing.assert_array_equal(f.get_tensor("blocks.5.weight"), np.array(truth["blocks.5.weight"]))
 
 
 def test_broken_inputs_are_one_line_errors(tiny, tmp_path):
