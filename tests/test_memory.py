@@ -136,3 +136,16 @@ def test_a_quantized_plan_on_the_cpu_backend_says_what_it_costs_in_time():
     assert (line in quantized) == (mx.default_device() == mx.cpu)
     assert "takes longer by a fixed amount, 15-22 s" in quantized or mx.default_device() != mx.cpu
     assert "unquantized time" not in plain
+
+
+def test_the_plan_states_what_a_first_run_conversion_holds():
+    from mlx.utils import tree_flatten
+
+    from supir_mlx.models.supir import SUPIRModel
+    from supir_mlx.weights.convert import SHARD_BYTES
+
+    # the converter holds one shard plus the tensor it converts; the largest one in float32 must fit the margin
+    largest = max(v.size for _, v in tree_flatten(SUPIRModel(SUPIRConfig.sdxl_v0()).parameters())) * 4
+    assert memory.CONVERT_BYTES >= SHARD_BYTES + largest
+    text = str(memory.estimate(1024, 1024, dtype="float32", quant=QuantSpec(bits=8), captioner=None, budget=int(8 * GB)))
+    assert f"holding at most {memory.CONVERT_BYTES / GB:.2f} GB meanwhile" in text

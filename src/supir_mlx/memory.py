@@ -92,6 +92,12 @@ CAPTION_PREFILL_TEMPORARIES = {"7b": 525_000_000, "13b": 790_000_000}
 CPU_QUANT_SLOWDOWN = 1.36
 CPU_QUANT_SECONDS = (15, 22)
 
+# A first run's one-time conversion of the checkpoints into the weight cache (weights.cache): the converter holds
+# one shard (weights.convert.SHARD_BYTES) plus the tensor being converted (the largest, OpenCLIP bigG's token
+# embedding, is 253 MB in float32); quantizing then writes one module at a time. Measured with the full-size
+# random checkpoints (bench_restore_process.py's, float32, 8-bit): the whole step peaked at 2.29 GB resident.
+CONVERT_BYTES = 2 * 1024**3 + 256 * 1024**2
+
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 MMAP_THRESHOLD = 1 << 20
@@ -338,7 +344,9 @@ def estimate(
         Stage("decode", w_vae, tiles.decoder_bytes),
     ]
     spill = " (tile states spilled to disk)" if tiles.encoder_spill or tiles.decoder_spill else ""
-    notes = (f"VAE tiles: encoder {tiles.encoder_tile} px, decoder {tiles.decoder_tile} latent px{spill}",)
+    notes = (f"VAE tiles: encoder {tiles.encoder_tile} px, decoder {tiles.decoder_tile} latent px{spill}",
+             f"a first run converts the checkpoints into the weight cache once, before the stages, holding at most "
+             f"{_gb(CONVERT_BYTES)} meanwhile")
     if quant and mx.default_device() == mx.cpu:
         notes += (f"{quant.bits}-bit weights on the CPU backend are expanded layer by layer before each product: "
                   f"every denoiser call (one per tile and step) takes longer by a fixed amount, "
