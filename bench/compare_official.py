@@ -8,9 +8,10 @@ each piece of work on both sides, and their ratios.
 The official side runs `bench/official_worker.py` in its own interpreter (a venv with torch==2.13.0 and the
 official code's few imports; torch is never a dependency of supir-mlx) on a work tree of
 https://github.com/Fanghua-Yu/SUPIR at commit OFFICIAL_COMMIT, named by --official or $SUPIR_OFFICIAL; the
-interpreter by --torch-python or $SUPIR_TORCH_PYTHON. Its environment drops LD_PRELOAD: a preloaded Debian
-OpenBLAS replaces torch's own BLAS and made the official denoiser call 2.2x slower. The supir-mlx side runs in
-this interpreter with the environment as given (on Linux CPU, with the preload, as .ci/run and the README do).
+interpreter by --torch-python or $SUPIR_TORCH_PYTHON. Its environment drops LD_PRELOAD (and MKL_THREADING_LAYER):
+a preloaded Debian OpenBLAS replaces torch's own BLAS and made the official denoiser call 2.2x slower. The supir-mlx
+side runs in this interpreter with the environment as given (on Linux CPU, with MKL or OpenBLAS preloaded, as
+.ci/run and the README do).
 
 Every measurement runs in a fresh process per side, so peaks do not mix: full-size networks with random weights,
 a warm-up call (--warmup), then --runs timed calls; the time is their median and the peak is the highest memory
@@ -258,7 +259,8 @@ def main() -> None:
                          "(or $SUPIR_OFFICIAL / $SUPIR_TORCH_PYTHON); --side mlx runs supir-mlx alone")
     cases = parse_cases(args.cases, args.vae_budget, 2 if vae_dtype != "float32" else 4)
     env_mlx = dict(os.environ)
-    env_official = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    # torch brings its own BLAS (MKL, linked in): nothing preloaded for supir-mlx may replace or configure it
+    env_official = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MKL_THREADING_LAYER")}
     if args.threads:
         for env in (env_mlx, env_official):
             env.update(OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
