@@ -124,6 +124,52 @@ def provide_optional_imports() -> None:
             sys.meta_path.insert(0, _StandInFinder(package))
 
 
+class BlockProfiler:
+    """Wall time per block type of one call, named and split as bench/profile_blocks.py splits supir-mlx's: each
+    wrapped forward's own time, without the wrapped blocks inside it (PyTorch's CPU ops are synchronous)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.stack: list[float] = []
+
+    def wrap(self, cls, category: str) -> None:
+        forward = cls.forward
+
+        def timed(module, *args, **kwargs):
+            self.stack.append(0.0)
+            start = time.perf_counter()
+            out = forward(module, *args, **kwargs)
+            elapsed = time.perf_counter() - start
+            self.seconds[category] = self.seconds.get(category, 0.0) + elapsed - self.stack.pop()
+            self.calls[category] = self.calls.get(category, 0) + 1
+            if self.stack:
+                self.stack[-1] += elapsed
+            return out
+
+        cls.forward = timed
+
+    def install(self) -> None:
+        import torch
+        from sgm.modules import attention
+        from sgm.modules.diffusionmodules import model, openaimodel
+
+        attn = "attention (incl. q/k/v/out projections)"
+        for cls, category in (
+            (torch.nn.Conv2d, "convolution"),
+            (torch.nn.GroupNorm, "normalisation (GroupNorm)"),
+            (torch.nn.LayerNorm, "normalisation (LayerNorm)"),
+            (attention.CrossAttention, attn),
+            (attention.MemoryEfficientCrossAttention, attn),
+            (model.AttnBlock, attn),
+            (model.MemoryEfficientAttnBlock, attn),
+            (attention.FeedForward, "feed-forward (GEGLU)"),
+            (openaimodel.Upsample, "up-sampling (nearest x2)"),
+            (model.Upsample, "up-sampling (nearest x2)"),
+        ):
+            self.wrap(cls, category)
+
+
 def build(module_fn, device, dtype):
     """Construct on the meta device (no host copy, no slow CPU init), then draw weights on `device`."""
     import torch
@@ -151,6 +197,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--profile", action="store_true", help="also time one more call per block type (bench/profile_blocks.py)")
     args = ap.parse_args()
 
     root = os.path.abspath(args.official)
@@ -273,11 +320,18 @@ def main() -> None:
         sync()
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() if cuda else rss.peak()
-    print(json.dumps({
+    result = {
         "side": "official", "torch": torch.__version__, "build_s": build_s, "times": times,
         "median": statistics.median(times), "peak": peak,
         "peak_kind": "cuda allocator" if cuda else rss.kind,
-    }))
+    }
+    if args.profile and not cuda:  # CUDA ops are asynchronous: per-block wall times would need a sync in each
+        profiler = BlockProfiler()
+        profiler.install()
+        t = time.perf_counter()
+        call()
+        result["profile"] = {"total": time.perf_counter() - t, "seconds": profiler.seconds, "calls": profiler.calls}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
     python bench/profile_blocks.py --part denoiser --size 64        # control + UNet, CFG batch 2, 64x64 latent
     python bench/profile_blocks.py --part decode --size 512          # VAE decoder, 512 px output
     python bench/profile_blocks.py --part encode --size 512          # SUPIR's denoise encoder, 512 px input
+    python bench/profile_blocks.py --part denoiser --official ~/src/SUPIR --torch-python /tmp/torchvenv/bin/python
+
+With --official (or $SUPIR_OFFICIAL; see compare_official.py for the venv) the official PyTorch code is profiled
+the same way, first, in its own process (`official_worker.py --profile`: the same block types wrapped around its
+modules' forward), and the two columns are printed side by side (CPU only: CUDA ops are asynchronous).
 
 Each profiled block (convolutions, normalisation, attention, feed-forward, up-sampling) evaluates its inputs
 before it starts and its output before it returns, so its wall time is its own; a block's time excludes the
@@ -14,7 +19,12 @@ slightly slower than a plain one; both are printed.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from collections import Counter, defaultdict
 
 import mlx.core as mx
@@ -62,14 +72,39 @@ class Profiler:
             cls.__call__ = self.wrap(category, cls.__call__)
         vae.AttnBlock.attend = self.wrap("attention (incl. q/k/v/out projections)", vae.AttnBlock.attend)
 
-    def report(self, total: float, plain: float) -> None:
-        print(f"{'block type':44s} {'calls':>6s} {'time':>10s} {'share':>6s}")
-        rows = sorted(self.seconds.items(), key=lambda kv: -kv[1])
-        for category, sec in rows:
-            print(f"{category:44s} {self.calls[category]:6d} {sec:9.3f}s {100 * sec / total:5.1f}%")
+    def report(self, total: float, plain: float, official: dict | None = None) -> None:
+        """This side's table; with the official side's profile, its seconds and our time over its time per row."""
+        theirs = official["seconds"] if official else {}
+        head = f"{'block type':44s} {'calls':>6s} {'time':>10s} {'share':>6s}"
+        print(head + (f" {'official':>10s} {'ratio':>6s}" if official else ""))
+
+        def row(name: str, calls: str, sec: float, other: float | None) -> None:
+            line = f"{name:44s} {calls:>6s} {sec:9.3f}s {100 * sec / total:5.1f}%"
+            if official:
+                line += f" {other:9.3f}s {sec / other:5.2f}x" if other else f" {'-':>10s} {'':>6s}"
+            print(line)
+
+        for category, sec in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
+            row(category, str(self.calls[category]), sec, theirs.get(category))
         other = total - sum(self.seconds.values())
-        print(f"{'other':44s} {'':6s} {other:9.3f}s {100 * other / total:5.1f}%")
-        print(f"{'profiled call':44s} {'':6s} {total:9.3f}s\n{'plain call (no profiling)':44s} {'':6s} {plain:9.3f}s")
+        row("other", "", other, official["total"] - sum(theirs.values()) if official else None)
+        row("profiled call", "", total, official["total"] if official else None)
+        print(f"{'plain call (no profiling)':44s} {'':6s} {plain:9.3f}s" + (
+            f" {official['median']:9.3f}s {plain / official['median']:5.2f}x" if official else ""))
+
+
+def official_profile(args: argparse.Namespace) -> dict:
+    """The official side's plain-call time ("median") and block profile ("total", "seconds"), from its worker."""
+    worker = Path(__file__).resolve().parent / "official_worker.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MKL_THREADING_LAYER")}  # torch's own BLAS
+    cmd = [args.torch_python, str(worker), "--official", args.official, "--case", args.part, "--size", str(args.size),
+           "--dtype", args.dtype, "--runs", "1", "--warmup", "1", "--profile"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode or not lines:
+        sys.exit(f"error: the official side failed: {(p.stderr or p.stdout).strip().splitlines()[-1:]}")
+    result = json.loads(lines[-1])
+    return {"median": result["median"], **result["profile"]}
 
 
 def main() -> None:
@@ -77,7 +112,12 @@ def main() -> None:
     ap.add_argument("--part", choices=("denoiser", "decode", "encode"), default="denoiser")
     ap.add_argument("--size", type=int, default=64, help="latent side (denoiser) or image side in px (VAE)")
     ap.add_argument("--dtype", choices=DTYPES, default="float16" if mx.metal.is_available() else "float32")
+    ap.add_argument("--official", default=os.environ.get("SUPIR_OFFICIAL"), help="official SUPIR work tree")
+    ap.add_argument("--torch-python", default=os.environ.get("SUPIR_TORCH_PYTHON"), help="the official side's python")
     args = ap.parse_args()
+    if args.official and not args.torch_python:
+        ap.error("--official needs --torch-python (or $SUPIR_TORCH_PYTHON)")
+    official = official_profile(args) if args.official else None  # first: the two sides never share the cores
     call = mlx_case(args.part, args.size, 0, DTYPES[args.dtype])
     mx.eval(call())  # warm-up: compiled kernels, allocator
     start = time.perf_counter()
@@ -89,7 +129,7 @@ def main() -> None:
     mx.eval(call())
     total = time.perf_counter() - start
     print(f"{args.part} {args.size}, {args.dtype}, device {mx.default_device()}")
-    profiler.report(total, plain)
+    profiler.report(total, plain, official)
 
 
 if __name__ == "__main__":
