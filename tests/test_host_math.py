@@ -31,6 +31,25 @@ def test_geglu_matches_exact_gelu_and_leaves_gate_alone():
     np.testing.assert_allclose(out, ref, rtol=0, atol=4e-6 * np.abs(a).max())  # A&S 7.1.26: |erf error| <= 1.5e-7
 
 
+def test_geglu_linear_adds_the_bias_in_its_pass():
+    # the CPU path multiplies without the bias and adds it inside the GEGLU pass; the reference is the projection
+    # with its bias, then the exact GELU in float64
+    import mlx.nn as nn
+
+    mx.random.seed(3)
+    proj = nn.Linear(64, 2 * 80)
+    proj.bias = mx.random.normal((160,)) * 3
+    x = mx.random.normal((2, 300, 64))
+    h = np.array(proj(x), dtype=np.float64)
+    a, g = h[..., :80], h[..., 80:]
+    ref = a * 0.5 * g * (1 + erf(g / math.sqrt(2)))
+    out = np.array(layers.geglu_linear(x, proj))
+    assert out.shape == (2, 300, 80)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    quantized = nn.QuantizedLinear.from_linear(proj, 32, 8)  # no plain weight to multiply: the layer runs whole
+    np.testing.assert_allclose(np.array(layers.geglu_linear(x, quantized)), ref, rtol=0, atol=0.05 * np.abs(ref).max())
+
+
 def test_softmax_numerator_and_sums():
     rng = np.random.default_rng(2)
     s = (rng.normal(0, 6, (2, 3, 700, 333))).astype(np.float32)

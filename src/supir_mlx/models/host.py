@@ -138,13 +138,19 @@ def gelu_(x: mx.array) -> mx.array:
     return x
 
 
-def geglu_(h: mx.array) -> mx.array:
-    """GEGLU on the projection `h` = [a, gate] (last axis): a * GELU(gate) written over the `a` half; returns that
-    half (a strided view of `h`)."""
+def geglu_(h: mx.array, bias: mx.array | None = None) -> mx.array:
+    """GEGLU on the projection `h` = [a, gate] (last axis), plus `bias` (of the projection, added to both halves
+    first, when given): a * GELU(gate) written over the `a` half; returns that half (a strided view of `h`)."""
     h, s = _rows(h)
     inner = s.shape[1] // 2
+    if bias is not None:
+        bias = np.asarray(bias.astype(mx.float32))
+        bias_a, bias_gate = bias[:inner], bias[inner:]
 
     def block(lo: int, hi: int, t: np.ndarray, u: np.ndarray) -> None:
+        if bias is not None:
+            s[lo:hi, :inner] += bias_a
+            s[lo:hi, inner:] += bias_gate
         s[lo:hi, :inner] *= _gelu(s[lo:hi, inner:], t, u)
 
     _run(s.shape[0], inner, block, scratch=2)

@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from ..config import ConfigError, ProjectConfig, UNetConfig
 from .adapters import CrossAttention, ZeroCrossAttn, ZeroSFT
-from .layers import Conv2d, Upsample, geglu, group_norm, timestep_embedding
+from .layers import Conv2d, Upsample, geglu_linear, group_norm, timestep_embedding
 
 
 class ResBlock(nn.Module):
@@ -54,7 +54,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * inner)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return geglu(self.proj(x))
+        return geglu_linear(x, self.proj)
 
 
 class FeedForward(nn.Module):
