@@ -35,6 +35,7 @@ import sys
 import time
 import types
 
+from block_times import BlockTimes
 from peak import ResidentPeak
 
 
@@ -124,30 +125,12 @@ def provide_optional_imports() -> None:
             sys.meta_path.insert(0, _StandInFinder(package))
 
 
-class BlockProfiler:
-    """Wall time per block type of one call, named and split as bench/profile_blocks.py splits supir-mlx's: each
-    wrapped forward's own time, without the wrapped blocks inside it (PyTorch's CPU ops are synchronous)."""
+class BlockProfiler(BlockTimes):
+    """Wall time per block type of one call, named and split as bench/profile_blocks.py splits supir-mlx's
+    (PyTorch's CPU ops are synchronous: no evaluation hooks needed)."""
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self.stack: list[float] = []
-
-    def wrap(self, cls, category: str) -> None:
-        forward = cls.forward
-
-        def timed(module, *args, **kwargs):
-            self.stack.append(0.0)
-            start = time.perf_counter()
-            out = forward(module, *args, **kwargs)
-            elapsed = time.perf_counter() - start
-            self.seconds[category] = self.seconds.get(category, 0.0) + elapsed - self.stack.pop()
-            self.calls[category] = self.calls.get(category, 0) + 1
-            if self.stack:
-                self.stack[-1] += elapsed
-            return out
-
-        cls.forward = timed
+    def wrap_forward(self, cls, category: str) -> None:
+        cls.forward = self.wrap(category, cls.forward)
 
     def install(self) -> None:
         import torch
@@ -167,7 +150,7 @@ class BlockProfiler:
             (openaimodel.Upsample, "up-sampling (nearest x2)"),
             (model.Upsample, "up-sampling (nearest x2)"),
         ):
-            self.wrap(cls, category)
+            self.wrap_forward(cls, category)
 
 
 def build(module_fn, device, dtype):

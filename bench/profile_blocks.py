@@ -25,9 +25,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from collections import Counter, defaultdict
 
 import mlx.core as mx
+from block_times import BlockTimes
 from compare_official import mlx_case
 
 from supir_mlx.models import adapters, layers, unet, vae
@@ -36,27 +36,9 @@ from supir_mlx.weights.quantize import QuantizedConv2d
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-class Profiler:
+class Profiler(BlockTimes):
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: Counter[str] = Counter()
-        self.stack: list[float] = []  # time spent in profiled blocks nested in each open block
-
-    def wrap(self, category: str, fn):
-        def timed(*args, **kwargs):
-            mx.eval([a for a in (*args, *kwargs.values()) if isinstance(a, mx.array)])
-            self.stack.append(0.0)
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            mx.eval(out)
-            elapsed = time.perf_counter() - start
-            self.seconds[category] += elapsed - self.stack.pop()
-            self.calls[category] += 1
-            if self.stack:
-                self.stack[-1] += elapsed
-            return out
-
-        return timed
+        super().__init__(before=lambda args: mx.eval([a for a in args if isinstance(a, mx.array)]), after=mx.eval)
 
     def install(self) -> None:
         """Wrap the block types of every network (class attributes, so every instance is profiled)."""
