@@ -219,7 +219,9 @@ function renderResult() {
   if ($("before").getAttribute("src") !== before) $("before").src = before;
   const j = job(st.result);
   $("provenance").textContent = JSON.stringify(j.provenance, null, 2);
-  $("save-status").textContent = j.saved.length ? `saved: ${j.saved.join(", ")}` : "";
+  // the same words as the save button's own answer: this render (on the state update that the save causes) and
+  // that answer arrive in either order
+  $("save-status").textContent = j.saved.length ? `saved as ${j.saved.join(", ")} in ${S.out_dir}` : "";
 }
 $("result-pick").addEventListener("change", (e) => { mine(selected).result = e.target.value; renderResult(); });
 $("before-pick").addEventListener("change", (e) => { mine(selected).before = e.target.value; renderResult(); });
