@@ -191,6 +191,12 @@ def mlx_worker(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------ driver
 
 
+def official_env() -> dict[str, str]:
+    """This environment without what is preloaded for supir-mlx: torch brings its own BLAS (MKL, linked in), which
+    nothing may replace or configure."""
+    return {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MKL_THREADING_LAYER")}
+
+
 def run_side(cmd: list[str], env: dict[str, str], timeout: float) -> dict:
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -259,8 +265,7 @@ def main() -> None:
                          "(or $SUPIR_OFFICIAL / $SUPIR_TORCH_PYTHON); --side mlx runs supir-mlx alone")
     cases = parse_cases(args.cases, args.vae_budget, 2 if vae_dtype != "float32" else 4)
     env_mlx = dict(os.environ)
-    # torch brings its own BLAS (MKL, linked in): nothing preloaded for supir-mlx may replace or configure it
-    env_official = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MKL_THREADING_LAYER")}
+    env_official = official_env()
     if args.threads:
         for env in (env_mlx, env_official):
             env.update(OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),

@@ -19,16 +19,14 @@ slightly slower than a plain one; both are printed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
 from block_times import BlockTimes
-from compare_official import mlx_case
+from compare_official import mlx_case, official_env, run_side
 
 from supir_mlx.models import adapters, layers, unet, vae
 from supir_mlx.weights.quantize import QuantizedConv2d
@@ -78,14 +76,11 @@ class Profiler(BlockTimes):
 def official_profile(args: argparse.Namespace) -> dict:
     """The official side's plain-call time ("median") and block profile ("total", "seconds"), from its worker."""
     worker = Path(__file__).resolve().parent / "official_worker.py"
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MKL_THREADING_LAYER")}  # torch's own BLAS
     cmd = [args.torch_python, str(worker), "--official", args.official, "--case", args.part, "--size", str(args.size),
            "--dtype", args.dtype, "--runs", "1", "--warmup", "1", "--profile"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode or not lines:
-        sys.exit(f"error: the official side failed: {(p.stderr or p.stdout).strip().splitlines()[-1:]}")
-    result = json.loads(lines[-1])
+    result = run_side(cmd, official_env(), timeout=3600)
+    if "error" in result:
+        sys.exit(f"error: the official side failed: {result['error']}")
     return {"median": result["median"], **result["profile"]}
 
 
