@@ -44,7 +44,7 @@ class Profiler(BlockTimes):
             (layers.Conv2d, "convolution"),
             (QuantizedConv2d, "convolution"),
             (layers.GroupNorm, "normalisation (GroupNorm)"),
-            (unet.nn.LayerNorm, "normalisation (LayerNorm)"),
+            (layers.LayerNorm, "normalisation (LayerNorm)"),
             (adapters.CrossAttention, "attention (incl. q/k/v/out projections)"),
             (unet.FeedForward, "feed-forward (GEGLU)"),
             (layers.Upsample, "up-sampling (nearest x2)"),
@@ -66,6 +66,8 @@ class Profiler(BlockTimes):
 
         for category, sec in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
             row(category, str(self.calls[category]), sec, theirs.get(category))
+        for category in sorted(set(theirs) - set(self.seconds)):  # a block type only the official side has
+            row(category, "0", 0.0, theirs[category])
         other = total - sum(self.seconds.values())
         row("other", "", other, official["total"] - sum(theirs.values()) if official else None)
         row("profiled call", "", total, official["total"] if official else None)

@@ -12,6 +12,12 @@ from supir_mlx.models import host, layers
 erf = np.vectorize(math.erf)
 
 
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 4 K elements, so that these small arrays still split into many blocks per thread."""
+    monkeypatch.setattr(host, "BLOCK_ELEMENTS", 1 << 12)
+
+
 def test_silu_matches_float64_including_extremes():
     x = np.concatenate([np.linspace(-120, 120, 4001), np.random.default_rng(0).normal(0, 4, 200_000 - 4001)])
     y = x.astype(np.float32).reshape(-1, 100)  # 2000 rows: several blocks per thread
@@ -93,7 +99,7 @@ def test_attention_on_cpu_uses_host_softmax_and_matches_float64():
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 def test_other_dtypes_do_not_go_to_host(dtype):
     x = mx.array(np.linspace(-5, 5, 64, dtype=np.float32)).astype(dtype).reshape(1, 2, 2, 16)
-    y = layers.scale_shift_silu(x, mx.ones((1, 1, 1, 16)), mx.zeros((1, 1, 1, 16)))
+    y = layers.scale_shift(x, mx.ones((1, 1, 1, 16)), mx.zeros((1, 1, 1, 16)), silu=True)
     assert y.dtype == dtype
     ref = np.array(x.astype(mx.float32)) / (1 + np.exp(-np.array(x.astype(mx.float32))))
     np.testing.assert_allclose(np.array(y.astype(mx.float32)), ref, rtol=1e-2, atol=1e-2)
@@ -113,9 +119,42 @@ def test_group_statistics_of_a_strided_view_match_float64_and_leave_it_alone():
 
 def test_gelu_and_quick_gelu_match_float64():
     rng = np.random.default_rng(5)
-    x = rng.normal(0, 4, (1500, 130)).astype(np.float32)
+    x = np.concatenate([np.linspace(-60, 60, 1301), [0.0, -0.0, 1e-30, -1e-30],
+                        rng.normal(0, 4, 1500 * 130 - 1305)]).astype(np.float32).reshape(1500, 130)
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(np.array(layers.gelu(mx.array(x))), 0.5 * x64 * (1 + erf(x64 / math.sqrt(2))),
                                rtol=0, atol=4e-6 * np.abs(x).max())
     np.testing.assert_allclose(np.array(layers.quick_gelu(mx.array(x))), x64 / (1 + np.exp(-1.702 * x64)),
                                rtol=3e-6, atol=1e-30)  # 1.702 x rounds in float32: ~|1.7 x| ulp through exp
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_scale_shift_of_a_strided_view_matches_float64_into_a_new_array(silu):
+    rng = np.random.default_rng(6)
+    full = mx.array(rng.normal(1, 3, (2, 50, 37, 48)).astype(np.float32))
+    x = full[:, :, 3:33]  # strided, as a tile or a CPU convolution's output is
+    before = np.array(full)
+    a = rng.normal(0, 2, (2, 1, 1, 48)).astype(np.float32)
+    b = rng.normal(0, 2, (2, 1, 1, 48)).astype(np.float32)
+    out = layers.scale_shift(x, mx.array(a), mx.array(b), silu=silu)
+    y = np.array(x).astype(np.float64) * a + b
+    ref = y / (1 + np.exp(-y)) if silu else y
+    assert out.shape == x.shape
+    np.testing.assert_allclose(np.array(out), ref, rtol=1e-6, atol=2e-6)
+    np.testing.assert_array_equal(np.array(full), before)
+
+
+def test_layer_norm_matches_float64_and_leaves_its_input_alone():
+    rng = np.random.default_rng(7)
+    # a large mean against the spread: a one-pass variance would lose it
+    x = mx.array(rng.normal(40, 0.5, (3, 333, 96)).astype(np.float32))
+    before = np.array(x)
+    norm = layers.LayerNorm(96, eps=1e-5)
+    norm.weight = mx.array(rng.normal(1, 0.5, 96).astype(np.float32))
+    norm.bias = mx.array(rng.normal(0, 0.5, 96).astype(np.float32))
+    out = np.array(norm(x))
+    x64 = before.astype(np.float64)
+    ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    ref = ref * np.array(norm.weight) + np.array(norm.bias)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=3e-5)
+    np.testing.assert_array_equal(np.array(x), before)

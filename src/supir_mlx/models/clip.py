@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import CLIPTextConfig, OpenCLIPTextConfig
-from .layers import attention, gelu, quick_gelu
+from .layers import LayerNorm, attention, gelu, quick_gelu
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}  # each applied to a fresh Linear output it may overwrite
 
@@ -53,9 +53,9 @@ class CLIPEncoderLayer(nn.Module):
     def __init__(self, dim: int, heads: int, hidden: int, act: str, eps: float, causal: bool):
         super().__init__()
         self.self_attn = CLIPAttention(dim, heads, causal)
-        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.layer_norm1 = LayerNorm(dim, eps=eps)
         self.mlp = CLIPMLP(dim, hidden, act)
-        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+        self.layer_norm2 = LayerNorm(dim, eps=eps)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = x + self.self_attn(self.layer_norm1(x))
@@ -85,7 +85,7 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
                                    cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps, causal=True)
         # Loaded so checkpoints map strictly; SDXL reads a hidden state before it, so it is never applied.
-        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
 class CLIPTextModel(nn.Module):
@@ -137,9 +137,9 @@ class OpenCLIPMLP(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, cfg: OpenCLIPTextConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.ln_1 = LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.attn = OpenCLIPAttention(cfg.width, cfg.heads)
-        self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.ln_2 = LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = OpenCLIPMLP(cfg.width, int(cfg.width * cfg.mlp_ratio))
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -160,7 +160,7 @@ class OpenCLIPTextModel(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = mx.zeros((cfg.context_length, cfg.width))
         self.transformer = OpenCLIPTransformer(cfg)
-        self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.ln_final = LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.text_projection = mx.zeros((cfg.width, cfg.embed_dim))  # used as x @ P (no transpose, no bias)
         # CLIP's image-text logit temperature: part of the checkpoint, meaningless without the image tower.
         self.logit_scale = mx.array(0.0)

@@ -15,6 +15,7 @@ import mlx.nn as nn
 
 from ..config import ConfigError
 from .clip import ACTIVATIONS, CLIPEncoder
+from .layers import LayerNorm
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class CLIPVisionTransformer(nn.Module):
     def __init__(self, cfg: CLIPVisionConfig, num_layers: int):
         super().__init__()
         self.embeddings = CLIPVisionEmbeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF spelling
+        self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF spelling
         self.encoder = CLIPEncoder(num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size,
                                    cfg.hidden_act, cfg.layer_norm_eps, causal=False)
 

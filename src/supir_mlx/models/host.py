@@ -18,7 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 import mlx.core as mx
 import numpy as np
 
-BLOCK_ELEMENTS = 1 << 15  # per block: 128 KB of float32, with its temporaries well inside a core's L2 cache
+# Elements per block: 512 KB of float32, so a block and its temporaries stay inside a 2 MB L2 cache. Each NumPy
+# call hands the GIL to the other thread and back, so small blocks pay that hand-over many times: against 32 K
+# elements per block, 128 K ran GEGLU 1.2-1.7x, the attention softmax 1.0-3.5x and SiLU 1.1-3.9x faster here.
+BLOCK_ELEMENTS = 1 << 17
 WORKERS = min(os.cpu_count() or 1, 8)
 
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -59,7 +62,7 @@ def _run(rows: int, width: int, fn, scratch: int = 1) -> None:
     step = max(1, BLOCK_ELEMENTS // max(1, width))
 
     def share(lo: int, hi: int) -> None:
-        buffers = [np.empty((min(step, hi - lo), width), np.float32) for _ in range(scratch)]
+        buffers = [np.empty((min(step, hi - lo), width), np.float32) for _ in range(scratch)]  # scratch may be 0
         with np.errstate(over="ignore", under="ignore"):
             for start in range(lo, hi, step):
                 stop = min(start + step, hi)
@@ -85,19 +88,73 @@ def softmax_numerator_(scores: mx.array) -> tuple[mx.array, mx.array]:
     return scores, mx.array(sums).reshape(*scores.shape[:-1], 1)
 
 
+def _silu(b: np.ndarray, t: np.ndarray, beta: float = 1.0) -> None:
+    """b * sigmoid(beta b) = b / (1 + exp(-beta b)) written over `b`, with `t` (same shape) as scratch."""
+    np.multiply(b, -beta, out=t)
+    np.exp(t, out=t)  # overflows to inf for beta b < -88: b / inf = -0, the limit
+    t += 1.0
+    np.divide(b, t, out=b)
+
+
 def silu_(y: mx.array, beta: float = 1.0) -> mx.array:
-    """y * sigmoid(beta y) = y / (1 + exp(-beta y)), written over `y` (beta 1: SiLU; 1.702: CLIP's quick GELU)."""
+    """y * sigmoid(beta y), written over `y` (beta 1: SiLU; 1.702: CLIP's quick GELU)."""
     y, s = _rows(y)
-
-    def block(lo: int, hi: int, t: np.ndarray) -> None:
-        b = s[lo:hi]
-        np.multiply(b, -beta, out=t)
-        np.exp(t, out=t)  # overflows to inf for beta y < -88: y / inf = -0, the limit
-        t += 1.0
-        np.divide(b, t, out=b)
-
-    _run(s.shape[0], s.shape[1], block)
+    _run(s.shape[0], s.shape[1], lambda lo, hi, t: _silu(s[lo:hi], t, beta))
     return y
+
+
+def _fresh(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
+    """A new evaluated float32 array for a result the input must survive (a residual stream, a skip
+    connection), with its writable NumPy view: filling it costs a memset (~13 G elements/s here)."""
+    out = mx.zeros(shape, mx.float32)
+    mx.eval(out)
+    return out, np.array(out, copy=False)
+
+
+def scale_shift(x: mx.array, a: mx.array, b: mx.array, silu: bool = False) -> mx.array:
+    """x * a + b for [B, H, ..., C] with `a`, `b` per (sample, channel) ([B, 1, ..., 1, C]), then SiLU when asked,
+    into a new array in one pass; `x` (which may be strided, e.g. a CPU convolution's output or a tile) is read
+    through a view, never copied or written."""
+    mx.eval(x, a, b)
+    v = np.array(x, copy=False)
+    if v.dtype != np.float32:
+        raise TypeError("host math needs float32")
+    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+    out, o = _fresh(x.shape)
+
+    def block(lo: int, hi: int, t: np.ndarray | None = None) -> None:
+        band = o[:, lo:hi]
+        np.multiply(v[:, lo:hi], a, out=band)
+        band += b
+        if silu:
+            _silu(band, t.reshape(band.shape))
+
+    _run(v.shape[1], v[:, 0].size, block, scratch=int(silu))
+    return out
+
+
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """LayerNorm over the last axis (mean and biased variance in two passes, like PyTorch) into a new array."""
+    x, v = _rows(x)
+    out, o = _fresh(x.shape)
+    o = o.reshape(v.shape)
+    width = v.shape[1]
+    weight, bias = np.asarray(weight, dtype=np.float32), np.asarray(bias, dtype=np.float32)
+
+    def block(lo: int, hi: int) -> None:
+        rows, normed = v[lo:hi], o[lo:hi]
+        mean = np.add.reduce(rows, axis=1, keepdims=True)
+        mean /= width
+        np.subtract(rows, mean, out=normed)
+        var = np.vecdot(normed, normed)[:, None]  # row sums of squares
+        var /= width
+        var += eps
+        normed /= np.sqrt(var, out=var)
+        normed *= weight
+        normed += bias
+
+    _run(v.shape[0], width, block, scratch=0)
+    return out
 
 
 # erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7, below float32 noise at the reference tolerances)
@@ -105,26 +162,32 @@ _ERF_P = 0.3275911
 _ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 
+_ERF_P_HALF_SQRT = np.float32(_ERF_P / np.sqrt(2.0))
+_HALF_ERF_A = tuple(np.float32(c / 2) for c in _ERF_A)
+
+
 def _gelu(g: np.ndarray, t: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """GELU(g) (exact, erf) into `u`, with `t` as scratch; returns `u`."""
+    """GELU(g) (exact, erf) into `u`, with `t` as scratch; returns `u`.
+
+    With w = erfc(|g| / sqrt 2) / 2 (the normal tail beyond |g|), g * Phi(g) is g (1 - w) for g >= 0 and g w
+    below: both are max(g, 0) - |g| w, which needs no sign fix-up (np.copysign alone was a quarter of the time).
+    """
     np.abs(g, out=t)
-    t *= _ERF_P / np.sqrt(np.float32(2.0))
+    t *= _ERF_P_HALF_SQRT
     t += 1.0
     np.reciprocal(t, out=t)  # t = 1 / (1 + p |g| / sqrt 2)
-    np.multiply(t, _ERF_A[4], out=u)
-    for c in _ERF_A[3::-1]:
+    np.multiply(t, _HALF_ERF_A[4], out=u)
+    for c in _HALF_ERF_A[3::-1]:
         u += c
-        u *= t  # u = t (a1 + t (a2 + ...)): the polynomial
+        u *= t  # u = t (a1 + t (a2 + ...)) / 2
     np.square(g, out=t)
     t *= -0.5
     np.exp(t, out=t)
+    u *= t  # w
+    np.abs(g, out=t)
     u *= t
-    np.subtract(1.0, u, out=u)  # erf(|g| / sqrt 2)
-    np.copysign(u, g, out=u)
-    u += 1.0
-    u *= g
-    u *= 0.5
-    return u
+    np.maximum(g, 0.0, out=t)
+    return np.subtract(t, u, out=u)
 
 
 def gelu_(x: mx.array) -> mx.array:

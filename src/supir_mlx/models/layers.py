@@ -75,11 +75,12 @@ def _gated_gelu(a: mx.array, gate: mx.array) -> mx.array:
     return a * nn.gelu(gate)
 
 
-def scale_shift_silu(x: mx.array, a: mx.array, b: mx.array) -> mx.array:
-    """SiLU(x * a + b) in one pass (two, the second in place, on the CPU backend)."""
+def scale_shift(x: mx.array, a: mx.array, b: mx.array, silu: bool = False) -> mx.array:
+    """x * a + b, then SiLU when asked, in one pass into a new array (on the CPU backend, over the host threads:
+    MLX's own pass runs on one)."""
     if _host(x):
-        return host.silu_(_scale_shift(x, a, b))
-    return _scale_shift_silu(x, a, b)
+        return host.scale_shift(x, a, b, silu)
+    return _scale_shift_silu(x, a, b) if silu else _scale_shift(x, a, b)
 
 
 def gelu(x: mx.array) -> mx.array:
@@ -185,10 +186,20 @@ class GroupNorm(nn.Module):
         # float32 scale and shift, applied in float32 inside the fused pass: in bf16, x * a and mean * a nearly
         # cancel when the mean is large against the spread, and their rounding would dominate the result
         a, shift = a.reshape(shape), shift.reshape(shape)
-        return scale_shift_silu(x, a, shift) if silu else _scale_shift(x, a, shift)
+        return scale_shift(x, a, shift, silu)
 
     def __call__(self, x: mx.array, silu: bool = False) -> mx.array:
         return self.normalize(x, *self.statistics(x), silu=silu)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm, normalised by models.host over the threads for float32 on the CPU backend, where MLX's
+    layer_norm runs on one thread (2 x 1024 x 640: 5.6 ms; 2 x 4096 x 320: 34 ms)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if _host(x) and "weight" in self and "bias" in self:
+            return host.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().__call__(x)
 
 
 def _sdpa_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:

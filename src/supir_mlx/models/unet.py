@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from ..config import ConfigError, ProjectConfig, UNetConfig
 from .adapters import CrossAttention, ZeroCrossAttn, ZeroSFT
-from .layers import Conv2d, Upsample, geglu_linear, group_norm, timestep_embedding
+from .layers import Conv2d, LayerNorm, Upsample, geglu_linear, group_norm, timestep_embedding
 
 
 class ResBlock(nn.Module):
@@ -72,9 +72,9 @@ class BasicTransformerBlock(nn.Module):
         self.attn1 = CrossAttention(dim, dim, heads, dim_head)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
         self.ff = FeedForward(dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
 
     def __call__(self, x: mx.array, context: mx.array) -> mx.array:
         x = x + self.attn1(self.norm1(x))
