@@ -231,6 +231,28 @@ def ratio(a: dict, b: dict, key: str) -> str:
     return f"{b[key] / a[key]:.2f}x" if key in a and key in b and a[key] else "-"
 
 
+def combine(measurements: list[dict]) -> dict:
+    """One side's rounds of a case as one result: the median of the rounds' medians, every time, the highest peak;
+    the first error if any round failed."""
+    errors = [r for r in measurements if "error" in r]
+    if errors:
+        return errors[0]
+    out = dict(measurements[0])
+    out["median"] = statistics.median(r["median"] for r in measurements)
+    out["times"] = [t for r in measurements for t in r["times"]]
+    out["peak"] = max(r["peak"] for r in measurements)
+    return out
+
+
+def time_ratio(row: dict) -> str:
+    """The median of the rounds' time ratios (supir-mlx over official), with their range when there are several."""
+    ratios = row.get("ratios") or []
+    if not ratios:
+        return "-"
+    text = f"{statistics.median(ratios):.2f}x"
+    return text + f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--official", default=os.environ.get("SUPIR_OFFICIAL"), help="official SUPIR work tree")
@@ -243,6 +265,8 @@ def main() -> None:
     ap.add_argument("--vae-budget", type=float, default=8.0, help="GB the planner gives the VAE passes ('plan' tiles)")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure each case this many times per side, alternating which side goes first")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for both sides (0: their defaults)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per measurement and side")
     ap.add_argument("--side", choices=("both", "mlx", "official"), default="both")
@@ -276,7 +300,7 @@ def main() -> None:
     header = [
         f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs; device {args.device}; "
         f"dtype {args.dtype}, VAE {vae_dtype}; threads {args.threads or 'default'}; "
-        f"median of {args.runs} after {args.warmup} warm-up; {time.strftime('%Y-%m-%d')}",
+        f"median of {args.runs} after {args.warmup} warm-up, {args.rounds} round(s); {time.strftime('%Y-%m-%d')}",
         f"supir-mlx: mlx {mx.__version__}, LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}",
     ]
     if "official" in sides:
@@ -290,24 +314,32 @@ def main() -> None:
         common = ["--case", case.kind, "--size", str(case.size), "--tile", str(case.tile), "--dtype", dtype,
                   "--device", args.device, "--runs", str(args.runs), "--warmup", str(args.warmup)]
         row = {"case": case.label, "dtype": dtype}
-        for side in sides:
+
+        def measure(side: str) -> dict:
             if side == "official":
                 cmd = [args.torch_python, str(HERE / "official_worker.py"), "--official", args.official,
                        "--threads", str(args.threads), *common]
-                row[side] = run_side(cmd, env_official, args.timeout)
-            else:
-                row[side] = run_side([sys.executable, str(Path(__file__).resolve()), "--worker", *common],
-                                     env_mlx, args.timeout)
+                return run_side(cmd, env_official, args.timeout)
+            return run_side([sys.executable, str(Path(__file__).resolve()), "--worker", *common], env_mlx,
+                            args.timeout)
+
+        # rounds alternate which side goes first (A B, B A, ...): a machine that slows down or speeds up during
+        # the run then weighs on both sides alike, and each round's ratio compares neighbours in time
+        rounds = [{side: measure(side) for side in (sides if r % 2 == 0 else sides[::-1])} for r in range(args.rounds)]
+        for side in sides:
+            row[side] = combine([rd[side] for rd in rounds])
+        row["ratios"] = [rd["mlx"]["median"] / rd["official"]["median"] for rd in rounds
+                         if "median" in rd.get("mlx", {}) and "median" in rd.get("official", {})]
         results.append(row)
         o, m = row.get("official", {}), row.get("mlx", {})
         print(f"{case.label:58s} official {fmt_time(o):>12s} {fmt_peak(o):>9s} | supir-mlx {fmt_time(m):>12s} "
-              f"{fmt_peak(m):>9s} | time {ratio(o, m, 'median'):>6s} memory {ratio(o, m, 'peak'):>6s}", flush=True)
+              f"{fmt_peak(m):>9s} | time {time_ratio(row):>6s} memory {ratio(o, m, 'peak'):>6s}", flush=True)
 
     print("\n| work | dtype | official time | supir-mlx time | time ratio | official peak | supir-mlx peak | memory ratio |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in results:
         o, m = row.get("official", {}), row.get("mlx", {})
-        print(f"| {row['case']} | {row['dtype']} | {fmt_time(o)} | {fmt_time(m)} | {ratio(o, m, 'median')} | "
+        print(f"| {row['case']} | {row['dtype']} | {fmt_time(o)} | {fmt_time(m)} | {time_ratio(row)} | "
               f"{fmt_peak(o)} | {fmt_peak(m)} | {ratio(o, m, 'peak')} |")
     if args.json:
         args.json.write_text(json.dumps({"header": header, "results": results}, indent=1))

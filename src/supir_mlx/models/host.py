@@ -111,28 +111,6 @@ def _fresh(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
     return out, np.array(out, copy=False)
 
 
-def scale_shift(x: mx.array, a: mx.array, b: mx.array, silu: bool = False) -> mx.array:
-    """x * a + b for [B, H, ..., C] with `a`, `b` per (sample, channel) ([B, 1, ..., 1, C]), then SiLU when asked,
-    into a new array in one pass; `x` (which may be strided, e.g. a CPU convolution's output or a tile) is read
-    through a view, never copied or written."""
-    mx.eval(x, a, b)
-    v = np.array(x, copy=False)
-    if v.dtype != np.float32:
-        raise TypeError("host math needs float32")
-    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
-    out, o = _fresh(x.shape)
-
-    def block(lo: int, hi: int, t: np.ndarray | None = None) -> None:
-        band = o[:, lo:hi]
-        np.multiply(v[:, lo:hi], a, out=band)
-        band += b
-        if silu:
-            _silu(band, t.reshape(band.shape))
-
-    _run(v.shape[1], v[:, 0].size, block, scratch=int(silu))
-    return out
-
-
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
     """LayerNorm over the last axis (mean and biased variance in two passes, like PyTorch) into a new array."""
     x, v = _rows(x)
