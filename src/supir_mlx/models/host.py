@@ -6,7 +6,8 @@ NumPy's float32 exp is vectorised (~1 G elements/s per thread, within 2 ulp) and
 cores SiLU runs 6-9x faster, GEGLU's GELU 2.7x, the attention core (softmax and its two matmuls) 2.7x and the
 GroupNorm statistics 1.4-3.3x. An evaluated MLX array is shared with NumPy through the buffer protocol
 (`np.array(a, copy=False)`), and MLX documents that writes to that view reach the array: each function here
-takes an array that the caller has just produced and owns, evaluates it, and rewrites it in place. Work goes in
+takes an array that the caller has just produced and owns, evaluates it, and rewrites it in place (the GroupNorm
+statistics and LayerNorm only read theirs; LayerNorm writes a new array). Work goes in
 blocks of rows that fit in cache, spread over a small thread pool. GPU backends never come here.
 """
 
@@ -62,7 +63,7 @@ def _run(rows: int, width: int, fn, scratch: int = 1) -> None:
     step = max(1, BLOCK_ELEMENTS // max(1, width))
 
     def share(lo: int, hi: int) -> None:
-        buffers = [np.empty((min(step, hi - lo), width), np.float32) for _ in range(scratch)]  # scratch may be 0
+        buffers = [np.empty((min(step, hi - lo), width), np.float32) for _ in range(scratch)]
         with np.errstate(over="ignore", under="ignore"):
             for start in range(lo, hi, step):
                 stop = min(start + step, hi)
@@ -88,36 +89,30 @@ def softmax_numerator_(scores: mx.array) -> tuple[mx.array, mx.array]:
     return scores, mx.array(sums).reshape(*scores.shape[:-1], 1)
 
 
-def _silu(b: np.ndarray, t: np.ndarray, beta: float = 1.0) -> None:
-    """b * sigmoid(beta b) = b / (1 + exp(-beta b)) written over `b`, with `t` (same shape) as scratch."""
-    np.multiply(b, -beta, out=t)
-    np.exp(t, out=t)  # overflows to inf for beta b < -88: b / inf = -0, the limit
-    t += 1.0
-    np.divide(b, t, out=b)
-
-
 def silu_(y: mx.array, beta: float = 1.0) -> mx.array:
-    """y * sigmoid(beta y), written over `y` (beta 1: SiLU; 1.702: CLIP's quick GELU)."""
+    """y * sigmoid(beta y) = y / (1 + exp(-beta y)), written over `y` (beta 1: SiLU; 1.702: CLIP's quick GELU)."""
     y, s = _rows(y)
-    _run(s.shape[0], s.shape[1], lambda lo, hi, t: _silu(s[lo:hi], t, beta))
+
+    def block(lo: int, hi: int, t: np.ndarray) -> None:
+        b = s[lo:hi]
+        np.multiply(b, -beta, out=t)
+        np.exp(t, out=t)  # overflows to inf for beta y < -88: y / inf = -0, the limit
+        t += 1.0
+        np.divide(b, t, out=b)
+
+    _run(s.shape[0], s.shape[1], block)
     return y
-
-
-def _fresh(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
-    """A new evaluated float32 array for a result the input must survive (LayerNorm's input is the residual
-    stream), with its writable NumPy view. MLX zero-fills it on one thread: ~13 GB/s for a buffer its cache
-    recycles, ~2 GB/s for one the kernel must first map (page faults), which is why only LayerNorm, where MLX's own
-    pass is far slower, writes into one."""
-    out = mx.zeros(shape, mx.float32)
-    mx.eval(out)
-    return out, np.array(out, copy=False)
 
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
     """LayerNorm over the last axis (mean and biased variance in two passes, like PyTorch) into a new array."""
     x, v = _rows(x)
-    out, o = _fresh(x.shape)
-    o = o.reshape(v.shape)
+    # The input (the residual stream) must survive, so the result goes to a new array, which MLX zero-fills on one
+    # thread first: ~13 GB/s for a buffer its cache recycles, ~2 GB/s for one the kernel must map (page faults).
+    # That is why only LayerNorm, where MLX's own pass is far slower, writes a new array from here.
+    out = mx.zeros(x.shape, mx.float32)
+    mx.eval(out)
+    o = np.array(out, copy=False).reshape(v.shape)
     width = v.shape[1]
     weight, bias = np.asarray(weight, dtype=np.float32), np.asarray(bias, dtype=np.float32)
 
@@ -140,9 +135,7 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
 # erf by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7, below float32 noise at the reference tolerances)
 _ERF_P = 0.3275911
 _ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-
-
-_ERF_P_HALF_SQRT = np.float32(_ERF_P / np.sqrt(2.0))
+_ERF_P_OVER_SQRT2 = np.float32(_ERF_P / np.sqrt(2.0))  # erf's argument is g / sqrt 2
 _HALF_ERF_A = tuple(np.float32(c / 2) for c in _ERF_A)
 
 
@@ -153,7 +146,7 @@ def _gelu(g: np.ndarray, t: np.ndarray, u: np.ndarray) -> np.ndarray:
     below: both are max(g, 0) - |g| w, which needs no sign fix-up (np.copysign alone was a quarter of the time).
     """
     np.abs(g, out=t)
-    t *= _ERF_P_HALF_SQRT
+    t *= _ERF_P_OVER_SQRT2
     t += 1.0
     np.reciprocal(t, out=t)  # t = 1 / (1 + p |g| / sqrt 2)
     np.multiply(t, _HALF_ERF_A[4], out=u)
