@@ -1,10 +1,11 @@
-"""Time one denoiser network call: full-size control encoder + SDXL UNet (SUPIR v0), CFG batch 2.
+"""Time one denoiser network call: full-size control encoder + SDXL UNet (SUPIR v0), CFG batch 2 (or 1).
 
-Random weights (nothing is downloaded). Inputs as in sampling: latent [2, S, S, 4] (S = image side / 8:
-64 for 512 px, 128 for 1024 px), an LQ control latent of the same shape, context [2, 77, 2048],
-vector [2, 2816], DDPM timestep index 500.
+Random weights (nothing is downloaded). Inputs as in sampling, B = --batch (2: both CFG branches at once):
+latent [B, S, S, 4] (S = image side / 8: 64 for 512 px, 128 for 1024 px), an LQ control latent of the same
+shape, context [B, 77, 2048], vector [B, 2816], DDPM timestep index 500. Each call prints its time, MLX's peak
+and that peak above the weights and inputs (what memory.unet_activations estimates).
 
-    python bench/bench_denoiser_step.py [--latent 64] [--dtype float16] [--warmup 1] [--runs 1]
+    python bench/bench_denoiser_step.py [--latent 64] [--batch 2] [--dtype float16] [--warmup 1] [--runs 1]
                                         [--part both|control|unet] [--quantize 8|4]
 
 Defaults: float16 with one warm-up call on Metal; float32 without warm-up elsewhere (a CPU call takes
@@ -42,6 +43,7 @@ def main() -> None:
     metal = mx.metal.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
+    p.add_argument("--batch", type=int, default=2, help="2: CFG batched; 1: one CFG branch (sequential CFG)")
     p.add_argument("--dtype", choices=DTYPES, default="float16" if metal else "float32")
     p.add_argument("--warmup", type=int, default=1 if metal else 0)
     p.add_argument("--runs", type=int, default=1)
@@ -70,26 +72,27 @@ def main() -> None:
     mx.eval(model.parameters())
     n = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(
-        f"device {'metal' if metal else 'cpu'}  dtype {args.dtype}  quantized {args.quantize or 'no'}  latent {args.latent}x{args.latent}  batch 2"
+        f"device {'metal' if metal else 'cpu'}  dtype {args.dtype}  quantized {args.quantize or 'no'}  latent {args.latent}x{args.latent}  batch {args.batch}"
         f"  network {args.part}\n"
         f"build    {time.perf_counter() - start:7.1f} s  peak {mx.get_peak_memory() / GB:6.2f} GB"
         f"  ({n / 1e9:.3f} G parameters, {mx.get_active_memory() / GB:.2f} GB)"
     )
 
-    s = args.latent
+    s, b = args.latent, args.batch
     k = mx.random.split(mx.random.key(0), 5)
-    x = mx.random.normal((2, s, s, 4), key=k[0]).astype(dtype)
+    x = mx.random.normal((b, s, s, 4), key=k[0]).astype(dtype)
     cond = Condition(
-        crossattn=mx.random.normal((2, 77, 2048), key=k[1]).astype(dtype),
-        vector=mx.random.normal((2, 2816), key=k[2]).astype(dtype),
-        control=mx.random.normal((2, s, s, 4), key=k[3]).astype(dtype),
+        crossattn=mx.random.normal((b, 77, 2048), key=k[1]).astype(dtype),
+        vector=mx.random.normal((b, 2816), key=k[2]).astype(dtype),
+        control=mx.random.normal((b, s, s, 4), key=k[3]).astype(dtype),
     )
-    t = mx.array([500, 500])
+    t = mx.array([500] * b)
     features = []
     if args.part == "unet":
         keys = mx.random.split(k[4], 10)
-        features = [mx.random.normal(sh, key=kk).astype(dtype) for sh, kk in zip(control_shapes(model, s), keys)]
+        features = [mx.random.normal((b, *sh[1:]), key=kk).astype(dtype) for sh, kk in zip(control_shapes(model, s), keys)]
     mx.eval(x, cond.crossattn, cond.vector, cond.control, features)
+    weights = mx.get_active_memory()
 
     def call() -> mx.array | list[mx.array]:
         if args.part == "unet":
@@ -103,7 +106,8 @@ def main() -> None:
         start = time.perf_counter()
         mx.eval(call())
         label = "warm-up" if i < args.warmup else "call"
-        print(f"{label:8s} {time.perf_counter() - start:7.1f} s  peak {mx.get_peak_memory() / GB:6.2f} GB")
+        print(f"{label:8s} {time.perf_counter() - start:7.1f} s  peak {mx.get_peak_memory() / GB:6.2f} GB"
+              f"  ({(mx.get_peak_memory() - weights) / GB:.3f} GB above the weights and inputs)")
 
 
 if __name__ == "__main__":

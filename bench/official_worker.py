@@ -132,12 +132,26 @@ class BlockProfiler(BlockTimes):
     def wrap_forward(self, cls, category: str) -> None:
         cls.forward = self.wrap(category, cls.forward)
 
-    def install(self) -> None:
+    def install(self, mlps=()) -> None:
+        """Wrap the block types' classes; `mlps`: open_clip's MLPs, plain nn.Sequential instances wrapped one by one."""
         import torch
         from sgm.modules import attention
         from sgm.modules.diffusionmodules import model, openaimodel
 
         attn = "attention (incl. q/k/v/out projections)"
+        for mlp in mlps:
+            mlp.forward = self.wrap("feed-forward (MLP)", mlp.forward)
+        if mlps:  # the text encoders: transformers' CLIP and open_clip's blocks
+            import open_clip.transformer
+            from transformers.models.clip import modeling_clip
+
+            for cls, category in ((modeling_clip.CLIPAttention, attn), (modeling_clip.CLIPSdpaAttention, attn),
+                                  (modeling_clip.CLIPMLP, "feed-forward (MLP)")):
+                self.wrap_forward(cls, category)
+            block = open_clip.transformer.ResidualAttentionBlock
+            block.attention = self.wrap(attn, block.attention)  # nn.MultiheadAttention with its projections
+            # open_clip's LayerNorm subclass has its own forward (F.layer_norm in the input's dtype)
+            self.wrap_forward(open_clip.transformer.LayerNorm, "normalisation (LayerNorm)")
         for cls, category in (
             (torch.nn.Conv2d, "convolution"),
             (torch.nn.GroupNorm, "normalisation (GroupNorm)"),
@@ -275,6 +289,7 @@ def main() -> None:
             open_clip.create_model(arch, device=device), None, None)
         bigg = FrozenOpenCLIPEmbedder2(arch="ViT-bigG-14", layer="penultimate", always_return_pooled=True,
                                        legacy=False, device=str(dev)).to(dev, dtype).eval()
+        mlps = [block.mlp for block in bigg.model.transformer.resblocks]
         ids = torch.randint(1, 49407, (2, 77), device=dev)
         ids[:, -1] = 49407
 
@@ -310,7 +325,7 @@ def main() -> None:
     }
     if args.profile and not cuda:  # CUDA ops are asynchronous: per-block wall times would need a sync in each
         profiler = BlockProfiler()
-        profiler.install()
+        profiler.install(mlps if args.case == "text" else ())
         t = time.perf_counter()
         call()
         result["profile"] = {"total": time.perf_counter() - t, "seconds": profiler.seconds, "calls": profiler.calls}

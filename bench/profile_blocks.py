@@ -1,8 +1,10 @@
-"""Where the time of one denoiser call or one VAE pass goes, by block type (full-size networks, random weights).
+"""Where the time of one denoiser call, one VAE pass or one text-encoder call goes, by block type (full-size
+networks, random weights).
 
     python bench/profile_blocks.py --part denoiser --size 64        # control + UNet, CFG batch 2, 64x64 latent
     python bench/profile_blocks.py --part decode --size 512          # VAE decoder, 512 px output
     python bench/profile_blocks.py --part encode --size 512          # SUPIR's denoise encoder, 512 px input
+    python bench/profile_blocks.py --part text                       # CLIP ViT-L + OpenCLIP bigG, 2 x 77 tokens
     python bench/profile_blocks.py --part denoiser --official ~/src/SUPIR --torch-python /tmp/torchvenv/bin/python
 
 With --official (or $SUPIR_OFFICIAL; see compare_official.py for the venv) the official PyTorch code is profiled
@@ -28,7 +30,7 @@ import mlx.core as mx
 from block_times import BlockTimes
 from compare_official import mlx_case, official_env, run_side
 
-from supir_mlx.models import adapters, layers, unet, vae
+from supir_mlx.models import adapters, clip, layers, unet, vae
 from supir_mlx.weights.quantize import QuantizedConv2d
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -48,6 +50,10 @@ class Profiler(BlockTimes):
             (adapters.CrossAttention, "attention (incl. q/k/v/out projections)"),
             (unet.FeedForward, "feed-forward (GEGLU)"),
             (layers.Upsample, "up-sampling (nearest x2)"),
+            (clip.CLIPAttention, "attention (incl. q/k/v/out projections)"),
+            (clip.OpenCLIPAttention, "attention (incl. q/k/v/out projections)"),
+            (clip.CLIPMLP, "feed-forward (MLP)"),
+            (clip.OpenCLIPMLP, "feed-forward (MLP)"),
         ):
             cls.__call__ = self.wrap(category, cls.__call__)
         vae.AttnBlock.attend = self.wrap("attention (incl. q/k/v/out projections)", vae.AttnBlock.attend)
@@ -88,7 +94,7 @@ def official_profile(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("denoiser", "decode", "encode"), default="denoiser")
+    ap.add_argument("--part", choices=("denoiser", "decode", "encode", "text"), default="denoiser")
     ap.add_argument("--size", type=int, default=64, help="latent side (denoiser) or image side in px (VAE)")
     ap.add_argument("--dtype", choices=DTYPES, default="float16" if mx.metal.is_available() else "float32")
     ap.add_argument("--official", default=os.environ.get("SUPIR_OFFICIAL"), help="official SUPIR work tree")
@@ -107,7 +113,8 @@ def main() -> None:
     start = time.perf_counter()
     mx.eval(call())
     total = time.perf_counter() - start
-    print(f"{args.part} {args.size}, {args.dtype}, device {mx.default_device()}")
+    what = "text encoders, 2 x 77 tokens" if args.part == "text" else f"{args.part} {args.size}"
+    print(f"{what}, {args.dtype}, device {mx.default_device()}")
     profiler.report(total, plain, official)
 
 

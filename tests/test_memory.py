@@ -108,6 +108,22 @@ def test_staged_plan_keeps_only_what_each_stage_needs():
     assert "loaded per stage" in str(p) and "all resident" in str(resident)
 
 
+@pytest.mark.parametrize("captioner", ["7b", None])
+def test_each_stage_may_cache_only_the_room_it_leaves_below_the_peak(captioner):
+    # A 16 GB Mac at fp16: the diffusion stage is the peak, the untiled VAE stages leave GBs below it.
+    p = memory.plan(1024, 1024, dtype="float16", captioner=captioner, memory_limit_gb=10.7)
+    limits = p.cache_limits
+    assert set(limits) == {"stage1", "condition", "sample", "decode"} | ({"caption"} if captioner else set())
+    for s in p.stages:  # nothing cached takes a stage past the planned peak (past its floor, at the peak)
+        assert s.total + limits[s.key] <= max(p.peak, s.total + p.cache_limit)
+    peak = max(p.stages, key=lambda s: s.total)
+    assert limits[peak.key] == p.cache_limit
+    decode = next(s for s in p.stages if s.key == "decode")
+    assert limits["decode"] == p.peak - decode.total > 2 * GB > 4 * p.cache_limit
+    # stage 1 runs the posterior encode too: its room is the smaller of the two
+    assert limits["stage1"] == p.peak - max(s.total for s in p.stages if s.key == "stage1")
+
+
 def test_planner_stages_weights_before_quantizing_and_prefers_13b():
     roomy = memory.plan(1024, 1024, captioner="auto", memory_limit_gb=64)
     assert roomy.captioner == "13b" and not roomy.staged and roomy.quant is None

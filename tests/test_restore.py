@@ -116,6 +116,22 @@ def test_api_is_reusable_and_deterministic(restorer, tmp_path):
     assert np.allclose(a.pixels[0] * 255, np.asarray(a.image), atol=1.0)
 
 
+def test_each_stage_runs_under_its_planned_cache_limit(restorer, tmp_path, monkeypatch):
+    import mlx.core as mx
+
+    set_limit, limits, seen = mx.set_cache_limit, [], {}
+    monkeypatch.setattr(mx, "set_cache_limit", lambda n: limits.append(n) or set_limit(n))
+
+    def progress(event):
+        if event.kind == "stage":
+            seen.setdefault(event["stage"], limits[-1])
+
+    r = restorer.restore(Image.open(photo(tmp_path / "p.png")), prompt="", steps=2, min_size=64, on_event=progress)
+    planned = r.plan.cache_limits
+    assert seen == {stage: planned[stage] for stage in ("stage1", "condition", "sample", "decode")}
+    assert limits[0] == planned.get("caption", r.plan.cache_limit)
+
+
 def test_api_presets_and_samples(restorer, tmp_path):
     img = Image.open(photo(tmp_path / "p.png"))
     r = restorer.restore(img, preset="lightning", prompt="", steps=3, min_size=64)

@@ -298,7 +298,7 @@ class Restorer:
         from ..memory import bound_native_heap
 
         bound_native_heap()
-        mx.set_cache_limit(plan.cache_limit)
+        mx.set_cache_limit(plan.cache_limits.get("caption", plan.cache_limit))  # the stages set their own
         caption = s.prompt if s.prompt is not None else ""
         if s.prompt is None and self._will_caption(s):
             report = StageClock(on_event)
@@ -312,6 +312,7 @@ class Restorer:
         out = self.runner.sample(
             mx.array(x), [caption], s, noise or SeededNoise(s.seed), tiling=tiling, vae_tiles=vae_tiles,
             batched_cfg=plan.cfg_batched, staged=plan.staged, on_event=on_event, trace=trace, group=group,
+            cache_limits=plan.cache_limits,
         )
         out = np.array(out)
         pixels = [np.clip((resize_bicubic_torch(o, h0, w0) + 1) / 2, 0, 1) for o in out]

@@ -102,6 +102,16 @@ class _InDtype:
         return self.network(x.astype(self.dtype), timesteps, cond, control_scale).astype(mx.float32)
 
 
+def _bound_cache(limits: dict[str, int] | None, stage: str) -> None:
+    """Before a stage allocates (or drops weights): MLX's buffer cache gets the stage's limit, and what it holds
+    above a lower limit goes back to the system now rather than at the next allocation."""
+    if limits is None:
+        return
+    mx.set_cache_limit(limits[stage])
+    if mx.get_cache_memory() > limits[stage]:
+        mx.clear_cache()
+
+
 def _dtype_of(module) -> mx.Dtype:
     from mlx.utils import tree_flatten
 
@@ -178,6 +188,7 @@ class SupirRunner:
         on_event: EventCallback | None = None,
         trace: Trace | None = None,
         group=None,
+        cache_limits: dict[str, int] | None = None,
     ) -> mx.array:
         """Official `batchify_sample(x, captions, ...)`: the restored images [N,H,W,3] in [-1,1], not clamped.
 
@@ -187,7 +198,8 @@ class SupirRunner:
         the weights each stage needs in memory (see pipeline.residency). `on_event` receives stage events
         (stage1, condition, sample, decode) and one step event per sampler step (supir_mlx.events). `group`
         (mx.distributed, several processes) divides the tiles of each sampling step and of the tiled VAE passes
-        among them; every process gets the same output, bit for bit the single-process one.
+        among them; every process gets the same output, bit for bit the single-process one. `cache_limits`
+        (memory.Plan.cache_limits) bounds MLX's buffer cache stage by stage; None leaves it as it is.
         """
         s = settings
         trace = trace or Trace()
@@ -201,6 +213,7 @@ class SupirRunner:
             captions = captions * s.num_samples
 
         with trace.stage("stage1"):
+            _bound_cache(cache_limits, "stage1")
             self.use(staged, "vae")
             report("stage1", 0, 2)
             z_lq = self.encode_with_denoise(x, vae_tiles, group)
@@ -222,6 +235,7 @@ class SupirRunner:
             trace.store("z_stage1", z_stage1)
 
         with trace.stage("condition"):
+            _bound_cache(cache_limits, "condition")
             self.use(staged, "vae", "text")
             report("condition", 0, 1)
             (c_ctx, c_vec), (uc_ctx, uc_vec) = self.model.conditioner.prepare_condition(
@@ -236,12 +250,14 @@ class SupirRunner:
             trace.store(name, _f32(v))
 
         with trace.stage("sample"):
+            _bound_cache(cache_limits, "sample")
             self.use(staged, "vae", "denoiser")
             latent = self._sample(z_lq, z_stage1, cond, uncond, s, noise, tiling, batched_cfg, report, on_event, trace,
                                   group)
         trace.store("samples_latent", latent)
 
         with trace.stage("decode"):
+            _bound_cache(cache_limits, "decode")
             self.use(staged, "vae")
             report("decode", 0, 1)
             decoded = self.decode(latent, vae_tiles, group)
