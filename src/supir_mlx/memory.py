@@ -188,9 +188,10 @@ class Plan:
         """Bytes of freed buffers MLX may keep in each pipeline stage (Stage.key): the room the stage's estimates
         leave below the planned peak, and at least `cache_limit`, so the process stays within the plan.
 
-        A buffer taken from the cache skips the kernel's page mapping and zero fill: a 512-px VAE decode whose
-        whole working set stayed cached ran 12-22% faster on the CPU backend (sys time 12-13 s -> 1.7 s per
-        three calls), while a cache holding only part of it (1 GB) gained nothing measurable."""
+        A buffer taken from the cache skips the kernel's page mapping and zero fill. On the CPU backend a 512-px
+        VAE decode after a warm-up ran 12-22% faster with its whole working set cached (a cache holding only part
+        of it, 1 GB, gained nothing measurable), and a 1024-px restore's stage 1 (three VAE passes, each reusing
+        what the one before freed) 15% faster with 10 GB of room (bench/README.md, run G)."""
         room: dict[str, int] = {}
         for s in self.stages:
             room[s.key] = min(room.get(s.key, self.peak), self.peak - s.total)
