@@ -30,12 +30,12 @@ GB = 1e9
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-def control_shapes(unet: LightGLVUNet, s: int) -> list[tuple[int, ...]]:
-    """Shapes of the 10 control features for a latent side `s` (input-block outputs, then the middle)."""
+def control_shapes(unet: LightGLVUNet, s: int, b: int) -> list[tuple[int, ...]]:
+    """Shapes of the 10 control features for batch `b` and latent side `s` (input-block outputs, then the middle)."""
     shapes = []
     for block, ch in zip(unet.input_blocks, unet.skip_channels):
         s //= 2 if isinstance(block[0], Downsample) else 1
-        shapes.append((2, s, s, ch))
+        shapes.append((b, s, s, ch))
     return shapes + [shapes[-1]]
 
 
@@ -90,7 +90,7 @@ def main() -> None:
     features = []
     if args.part == "unet":
         keys = mx.random.split(k[4], 10)
-        features = [mx.random.normal((b, *sh[1:]), key=kk).astype(dtype) for sh, kk in zip(control_shapes(model, s), keys)]
+        features = [mx.random.normal(sh, key=kk).astype(dtype) for sh, kk in zip(control_shapes(model, s, b), keys)]
     mx.eval(x, cond.crossattn, cond.vector, cond.control, features)
     weights = mx.get_active_memory()
 
