@@ -28,7 +28,7 @@ from ..sampling.tiled import Tiling, auto_tiling
 from .preprocess import pil_to_tensor, processing_size, resize_bicubic_torch, tensor_to_image, tensor_to_uint8
 from .residency import Residency
 from .settings import RestoreSettings, settings_for
-from .supir import StageStats, SupirRunner, Trace, VAETiles
+from .supir import StageStats, SupirRunner, Trace, VAETiles, bound_cache
 
 def default_dtype() -> mx.Dtype:
     """fp16 diffusion on Metal; fp32 on the CPU backend (its fp16 matmul is slow)."""
@@ -298,7 +298,8 @@ class Restorer:
         from ..memory import bound_native_heap
 
         bound_native_heap()
-        mx.set_cache_limit(plan.cache_limits.get("caption", plan.cache_limit))  # the stages set their own
+        cache_limits = plan.cache_limits
+        bound_cache(cache_limits.get("caption", plan.cache_limit))  # the pipeline's stages set their own
         caption = s.prompt if s.prompt is not None else ""
         if s.prompt is None and self._will_caption(s):
             report = StageClock(on_event)
@@ -312,7 +313,7 @@ class Restorer:
         out = self.runner.sample(
             mx.array(x), [caption], s, noise or SeededNoise(s.seed), tiling=tiling, vae_tiles=vae_tiles,
             batched_cfg=plan.cfg_batched, staged=plan.staged, on_event=on_event, trace=trace, group=group,
-            cache_limits=plan.cache_limits,
+            cache_limits=cache_limits,
         )
         out = np.array(out)
         pixels = [np.clip((resize_bicubic_torch(o, h0, w0) + 1) / 2, 0, 1) for o in out]

@@ -102,14 +102,17 @@ class _InDtype:
         return self.network(x.astype(self.dtype), timesteps, cond, control_scale).astype(mx.float32)
 
 
-def _bound_cache(limits: dict[str, int] | None, stage: str) -> None:
+def bound_cache(limit: int) -> None:
     """Before a stage allocates (or drops weights): MLX's buffer cache gets the stage's limit, and what it holds
     above a lower limit goes back to the system now rather than at the next allocation."""
-    if limits is None:
-        return
-    mx.set_cache_limit(limits[stage])
-    if mx.get_cache_memory() > limits[stage]:
+    mx.set_cache_limit(limit)
+    if mx.get_cache_memory() > limit:
         mx.clear_cache()
+
+
+def _bound_cache(limits: dict[str, int] | None, stage: str) -> None:
+    if limits is not None:
+        bound_cache(limits[stage])
 
 
 def _dtype_of(module) -> mx.Dtype:
