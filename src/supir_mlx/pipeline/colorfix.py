@@ -9,6 +9,8 @@ from __future__ import annotations
 import mlx.core as mx
 
 WAVELET_LEVELS = 5
+HALO = sum(2**i for i in range(WAVELET_LEVELS))  # 31 rows: how far the blurs of all levels reach
+BAND_ROWS = 256
 ADAIN_EPS = 1e-5
 
 
@@ -31,7 +33,12 @@ def _blur_axis(x: mx.array, radius: int, axis: int) -> mx.array:
         index[axis] = slice(start, start + n)
         return xp[tuple(index)]
 
-    return 0.25 * tap(0) + 0.5 * tap(radius) + 0.25 * tap(2 * radius)
+    return _weighted_taps(tap(0), tap(radius), tap(2 * radius))
+
+
+@mx.compile
+def _weighted_taps(a: mx.array, b: mx.array, c: mx.array) -> mx.array:
+    return 0.25 * a + 0.5 * b + 0.25 * c  # one pass, no image-sized products in between
 
 
 def wavelet_blur(x: mx.array, radius: int) -> mx.array:
@@ -41,10 +48,12 @@ def wavelet_blur(x: mx.array, radius: int) -> mx.array:
 
 def wavelet_decomposition(x: mx.array, levels: int = WAVELET_LEVELS) -> tuple[mx.array, mx.array]:
     """(high, low): the sum of the residuals of `levels` blurs of radius 2^i, and the last blur."""
-    high = mx.zeros_like(x)
+    high = None
     for i in range(levels):
         low = wavelet_blur(x, 2**i)
-        high = high + (x - low)
+        high = x - low if high is None else high + (x - low)  # the official's running sum, in its order
+        # One level at a time: the lazy graph of every level at once held ~30 image-sized arrays at its peak.
+        mx.eval(high, low)
         x = low
     return high, x
 
@@ -54,7 +63,19 @@ def wavelet_color_fix(content: mx.array, style: mx.array) -> mx.array:
     _check(content, style)
     if content.shape != style.shape:
         raise ValueError(f"wavelet colour fix needs equal shapes, got {tuple(content.shape)} and {tuple(style.shape)}")
-    return wavelet_decomposition(content)[0] + wavelet_decomposition(style)[1]
+    # In bands of rows, each read with HALO rows either side: where a band is cut inside the image, its edge
+    # replication makes the blurs wrong for fewer than HALO rows, so the rows kept are exactly the whole image's
+    # (at the image's own edges the band's edge is the image's). The work then holds a band's arrays, not the
+    # image's: a 4096-px output's colour fix would otherwise hold about 12 image-sized arrays (2.4 GB).
+    h = content.shape[1]
+    parts = []
+    for r0 in range(0, h, BAND_ROWS):
+        r1 = min(r0 + BAND_ROWS, h)
+        a, b = max(r0 - HALO, 0), min(r1 + HALO, h)
+        band = wavelet_decomposition(content[:, a:b])[0] + wavelet_decomposition(style[:, a:b])[1]
+        parts.append(band[:, r0 - a : r1 - a])
+        mx.eval(parts[-1])
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
 
 
 def _mean_std(x: mx.array) -> tuple[mx.array, mx.array]:
