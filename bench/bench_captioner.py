@@ -8,10 +8,10 @@ vision tower released, prefill and generation. Peaks are measured above the lang
 phase does not depend on the depth; the language phase is the KV cache (mlx-lm's rule: steps of 256 positions),
 computed for the real depth and all 512 new tokens, plus the prefill temporaries measured at `--layers`.
 
-MLX's CPU quantized matmul is a plain loop (~0.5 GMAC/s measured here, minutes per layer for the 629-token
-prefill), so on CPU the prefill multiplies by the dequantized weight instead (`--cpu-dequant`, on by default
-there): one fp32 matrix at a time exists (at most 180 MB for 7B, 283 MB for 13B), so the CPU figure is an upper
-bound. Decoding stays on the quantized kernel, so on CPU ask for few new tokens.
+The language model runs on MLX's own quantized kernels, as in a restore, on every backend (on the 2-core x86-64 VM
+a full-width 7B layer's 629-token prefill takes about 25 s, 13B about 50 s). Until Dec 2026 the CPU measurement
+multiplied by dequantized weights instead, to save time; that aid alone held 0.4-0.6 GB of temporaries the real
+path never does, and the planner's prefill constants were fitted to it.
 
     python bench/bench_captioner.py [--size 7b|13b] [--bits 4|8] [--layers 1 2] [--new-tokens 4]
 """
@@ -48,22 +48,6 @@ def build(cfg: LlavaConfig, bits: int, dtype: mx.Dtype) -> LlavaModel:
         mx.eval(part.parameters())
         mx.clear_cache()
     return model
-
-
-def dequantizing_prefill() -> None:
-    """CPU measurement aid: many-row products go through the dequantized weight and BLAS."""
-    quantized_call = nn.QuantizedLinear.__call__
-
-    def call(self, x):
-        # one row: decoding. Vocabulary-wide output: the lm_head, whose prefill logits mlx-lm never evaluates
-        if x.shape[-2] == 1 or self.weight.shape[0] >= 32000:
-            return quantized_call(self, x)
-        w = mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
-        y = x @ w.T
-        mx.eval(y)  # else the lazy graph dequantizes every layer's weights up front
-        return y + self.bias if "bias" in self else y
-
-    nn.QuantizedLinear.__call__ = call
 
 
 def save(model: LlavaModel, cfg: LlavaConfig, bits: int, folder: Path) -> list[Path]:
@@ -121,12 +105,10 @@ def run(size: str, bits: int, layers: int, new_tokens: int, dtype: mx.Dtype) -> 
 
 
 def caption_stage(size: str, dtype: mx.Dtype, layers: tuple[int, ...] = (1, 2), bits: int = 4,
-                  new_tokens: int = 4, cpu_dequant: bool | None = None) -> tuple[float, int]:
+                  new_tokens: int = 4) -> tuple[float, int]:
     """(seconds measured, bytes above the language model's weights at the real depth with 512 new tokens):
     the larger of the vision phase (tower + its activations; does not depend on the depth) and the language
     phase (KV cache from mlx-lm's rule at the real depth + the prefill temporaries measured here)."""
-    if cpu_dequant if cpu_dequant is not None else mx.default_device() == mx.cpu:
-        dequantizing_prefill()
     full = LlavaConfig.llava_v15(size)
     seconds, vision, transient = 0.0, 0.0, 0.0
     for n in layers:
@@ -151,14 +133,13 @@ def main() -> None:
     ap.add_argument("--bits", type=int, choices=(4, 8), default=4)
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--new-tokens", type=int, default=4)
-    ap.add_argument("--cpu-dequant", action=argparse.BooleanOptionalAction, default=mx.default_device() == mx.cpu)
     ap.add_argument("--dtype", choices=("float16", "float32"),
                     help="default: as Captioner.load chooses (float16 on a GPU, float32 on CPU)")
     args = ap.parse_args()
     gpu = mx.default_device() == mx.gpu
     dtype = {"float16": mx.float16, "float32": mx.float32}[args.dtype or ("float16" if gpu else "float32")]
     print(f"LLaVA-1.5-{args.size}, {args.bits}-bit LM, {dtype}, device {mx.default_device()}")
-    seconds, above = caption_stage(args.size, dtype, tuple(args.layers), args.bits, args.new_tokens, args.cpu_dequant)
+    seconds, above = caption_stage(args.size, dtype, tuple(args.layers), args.bits, args.new_tokens)
     weights, planned = memory.captioner_stage(args.size, dtype)
     print(f"caption stage: language model {weights / GB:.2f} GB (exact, real depth) + {above / GB:.2f} GB = "
           f"{(weights + above) / GB:.2f} GB; planner {(weights + planned) / GB:.2f} GB "

@@ -25,15 +25,15 @@ from supir_mlx import memory
 from supir_mlx.config import SUPIRConfig
 from supir_mlx.models.unet import GLVControl, LightGLVUNet
 from supir_mlx.models.vae import AutoencoderKL
+from supir_mlx.pipeline import tiled_vae
 from supir_mlx.pipeline.tiled_vae import tiled_decode, tiled_encode, tiled_encode_with_denoise
 from supir_mlx.sampling.denoiser import denoise
 from supir_mlx.sampling.tiled import auto_tiling
 from supir_mlx.weights.quantize import QuantSpec, materialize, quantize
 
 GB = 1e9
-# Restores always tile the VAE (outputs are >= 1024 px on the short side by default): calibrate in that regime.
-VAE_SIZES = (768, 1024)
-VAE_ENCODER_TILE, VAE_DECODER_TILE = 512, 64  # official VAEHook tiles (image px, latent px)
+# (image px, encoder tile px, decoder tile latent px): untiled (a tile >= the image) and the official VAEHook tiles
+VAE_CASES = ((512, 512, 64), (1024, 1024, 128), (1024, 512, 64), (1536, 512, 64), (1024, 384, 32))
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -102,7 +102,7 @@ def calibrate_unet(cfg: SUPIRConfig, dtype: mx.Dtype) -> None:
     rows = []
     den = build_denoiser(reduced(cfg), dtype, None)
     print(f"# reduced-depth denoiser, activations in {dtype}")
-    for batch, s in ((1, 16), (2, 16), (1, 32), (2, 32), (1, 64), (2, 64), (1, 96)):
+    for batch, s in ((1, 16), (2, 16), (1, 32), (2, 32), (1, 64), (2, 64), (1, 96), (1, 128), (2, 128)):
         x = mx.random.normal((batch, s, s, 4)).astype(dtype)
         c = Cond(mx.random.normal((batch, 77, cfg.context_dim)).astype(dtype),
                  mx.random.normal((batch, cfg.vector_dim)).astype(dtype), x)
@@ -115,25 +115,38 @@ def calibrate_unet(cfg: SUPIRConfig, dtype: mx.Dtype) -> None:
     print(f"depth check (1,2,2) batch=2 latent=32x32 peak={measure(deeper, x, mx.full((2,), 500, dtype=mx.int32), c)[1]}")
     del den, deeper
     mx.clear_cache()
-    a = np.array([[b * s * s, b * min(10 * (s * s / 4) ** 2, 2**26), 1] for b, s, _ in rows], dtype=np.float64)
-    coef = np.linalg.lstsq(a, np.array([p for *_, p in rows], dtype=np.float64), rcond=None)[0]
-    print(f"fit (fp32): UNET_PER_PIXEL={coef[0]:.0f} UNET_PER_SCORE={coef[1]:.2f} UNET_FIXED={coef[2]:.0f}")
+    a = np.array([[b * s * s, b * min(10 * (s * s / 4) ** 2, 2**26), b] for b, s, _ in rows], dtype=np.float64)
+    peaks = np.array([p for *_, p in rows], dtype=np.float64)
+    # Relative least squares: the planner needs every tile size about equally right, not the largest one exactly.
+    coef = np.linalg.lstsq(a / peaks[:, None], np.ones_like(peaks), rcond=None)[0]
+    print(f"fit (fp32): UNET_PER_PIXEL={coef[0]:.0f} UNET_PER_SCORE={coef[1]:.2f} UNET_PER_ITEM={coef[2]:.0f}")
+    now = [memory.unet_activations(s, s, b, mx.float32) for b, s, _ in rows]
+    for (b, s, p), fit, cur in zip(rows, a @ coef, now):
+        print(f"  batch={b} latent={s}: measured {p / GB:.3f} GB, fit {fit / p - 1:+.1%}, memory.py now {cur / p - 1:+.1%}")
 
 
 def calibrate_vae(cfg: SUPIRConfig, dtype: mx.Dtype) -> None:
+    """MLX's peak of each VAE pass, untiled and tiled, against `tiled_vae.estimate_bytes`, and the COPIES value
+    each measurement implies (the estimate's other terms, the held tile states, scores and output, kept)."""
     vae = build_vae(cfg, dtype)
-    enc, dec = [], []
-    for px in VAE_SIZES:
+    size = dtype.size
+    print(f"# full-size VAE, {dtype}; COPIES now {tiled_vae.COPIES}")
+    for px, enc_tile, dec_tile in VAE_CASES:
         img = mx.random.uniform(-1, 1, (1, px, px, 3)).astype(dtype)
-        dt, peak, z = measure(tiled_encode, vae, img, VAE_ENCODER_TILE)
-        enc.append((px, peak))
-        print(f"vae_encode px={px} peak={peak} time={dt:.1f}s", flush=True)
-        dt, peak, _ = measure(tiled_decode, vae, z, VAE_DECODER_TILE)
-        dec.append((px, peak))
-        print(f"vae_decode px={px} peak={peak} time={dt:.1f}s", flush=True)
-    for name, pts in (("ENC", enc), ("DEC", dec)):
-        k, c0 = np.polyfit([p * p for p, _ in pts], [b for _, b in pts], 1)
-        print(f"fit (fp32): VAE_{name}_PER_PIXEL={k:.1f} VAE_{name}_FIXED={c0:.0f}")
+        z = None
+        for is_decoder, tile in ((False, enc_tile), (True, dec_tile)):
+            if is_decoder:
+                dt, peak, _ = measure(tiled_decode, vae, z, tile)
+            else:
+                dt, peak, z = measure(tiled_encode, vae, img, tile)
+                z = z.astype(dtype)
+            side = px // cfg.vae.downsample_factor if is_decoder else px
+            tiled = tiled_vae.needs_tiling(side, side, tile, is_decoder)
+            est = tiled_vae.estimate_bytes(cfg.vae, px, px, tile, is_decoder, size)
+            implied = tiled_vae.COPIES[tiled, is_decoder] + (peak - est) / tiled_vae.copy_bytes(cfg.vae, px, px, tile, is_decoder, size)
+            print(f"vae_{'decode' if is_decoder else 'encode'} px={px} tile={tile if tiled else 'untiled'} "
+                  f"peak={peak / GB:.3f} GB estimate={est / GB:.3f} GB ({est / peak - 1:+.1%}) "
+                  f"implied COPIES[{tiled}, {is_decoder}]={implied:.2f} time={dt:.1f}s", flush=True)
 
 
 STAGES = ("caption", "text", "vae", "diffusion")

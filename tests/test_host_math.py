@@ -96,6 +96,23 @@ def test_attention_on_cpu_uses_host_softmax_and_matches_float64():
     np.testing.assert_allclose(causal, ref(True), atol=2e-6)
 
 
+def test_chunked_attention_holds_one_chunk_of_scores_at_a_time(monkeypatch):
+    # 16 chunks of 64 queries x 1024 keys (256 KB of scores each): all of them alive at once would be 4 MB.
+    monkeypatch.setattr(layers, "MAX_SCORE_ELEMENTS", 64 * 1024)
+    rng = np.random.default_rng(4)
+    q, k, v = (mx.array(rng.normal(0, 1, (1, 1024, 8)).astype(np.float32)) for _ in range(3))
+    whole = np.array(layers._sdpa_cpu(*(t.reshape(1, 1024, 1, 8).transpose(0, 2, 1, 3) for t in (q, k, v)),
+                                      scale=8**-0.5).transpose(0, 2, 1, 3).reshape(1, 1024, 8))
+    mx.eval(q, k, v)
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    out = layers.attention(q, k, v, 1)
+    mx.eval(out)
+    chunk = 64 * 1024 * 4
+    assert mx.get_peak_memory() - base < 4 * chunk
+    np.testing.assert_allclose(np.array(out), whole, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 def test_other_dtypes_do_not_go_to_host(dtype):
     x = mx.array(np.linspace(-5, 5, 64, dtype=np.float32)).astype(dtype).reshape(1, 2, 2, 16)

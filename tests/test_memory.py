@@ -8,6 +8,7 @@ import pytest
 from supir_mlx import memory
 from supir_mlx.config import SUPIRConfig
 from supir_mlx.memory import GB, MemoryPlanError
+from supir_mlx.pipeline.tiled_vae import plan_tiles
 from supir_mlx.weights.quantize import QuantSpec
 
 FULL = SUPIRConfig.sdxl_v0()
@@ -37,9 +38,12 @@ def test_stages_and_printout():
     p = memory.estimate(1024, 1024, dtype="float16", quant=QuantSpec(bits=4), captioner="13b", budget=int(32 * GB))
     names = [s.name for s in p.stages]
     assert names == ["caption (LLaVA 13b)", "stage-1 (denoise enc + dec)", "text encoders", "encode", "diffusion", "decode"]
-    assert p.peak == max(s.total for s in p.stages) and p.fits
+    # every stage runs inside the process (interpreter, libraries)
+    assert p.process == memory.PROCESS_BYTES
+    assert p.peak == p.process + max(s.total for s in p.stages) and p.fits
     text = str(p)
     assert "expected peak" in text and "<- peak" in text and "4-bit" in text
+    assert f"process's {p.process / GB:.2f} GB" in text
     # the 13B captioner at 4 bits: ~13.35e9 params * (0.5 + 1/16) bytes, beside the VAE
     vae = memory.weight_bytes(FULL, "vae", mx.float32, None)
     assert 7.3 * GB < p.stages[0].weights - p.stages[1].weights < 7.9 * GB
@@ -47,8 +51,13 @@ def test_stages_and_printout():
     resident = vae + memory.weight_bytes(FULL, "text", mx.float16, None) + memory.weight_bytes(
         FULL, "denoiser", mx.float16, QuantSpec(bits=4))
     assert all(s.weights == resident for s in p.stages[1:])
-    # the VAE stages are the tiled VAE's own estimates for the tiles it picked
-    assert p.stages[5].activations == p.vae_tiles.decoder_bytes and "VAE tiles" in text
+    # the VAE stages are the tiled VAE's own estimates for the tiles it picked in what the weights, images and the
+    # process leave; each stage also holds its output-sized images (the decode stage 3: input, stage-1, output)
+    image = 1024 * 1024 * 3 * 4
+    assert p.stages[5].activations == p.vae_tiles.decoder_bytes + 3 * image and "VAE tiles" in text
+    assert p.stages[0].activations == memory.captioner_stage("13b", mx.float16)[1] + image
+    assert p.vae_tiles == plan_tiles(FULL.vae, 1024, 1024, 32 * GB - p.process - p.stages[5].weights - 3 * image, 4)
+    assert p.vae_budget == 32 * GB - p.process - p.stages[5].weights - 3 * image
 
 
 def test_activation_formulas_grow_with_size_and_batch():
@@ -110,18 +119,26 @@ def test_staged_plan_keeps_only_what_each_stage_needs():
 
 @pytest.mark.parametrize("captioner", ["7b", None])
 def test_each_stage_may_cache_only_the_room_it_leaves_below_the_peak(captioner):
-    # A 16 GB Mac at fp16: the diffusion stage is the peak, the untiled VAE stages leave GBs below it.
-    p = memory.plan(1024, 1024, dtype="float16", captioner=captioner, memory_limit_gb=10.7)
+    # fp16 with 9.5 GB: the diffusion stage is the peak, the untiled VAE stages leave GBs below it.
+    p = memory.plan(1024, 1024, dtype="float16", captioner=captioner, memory_limit_gb=9.5)
     limits = p.cache_limits
     assert set(limits) == {"stage1", "condition", "sample", "decode"} | ({"caption"} if captioner else set())
     for s in p.stages:  # nothing cached takes a stage past the planned peak (past its floor, at the peak)
-        assert s.total + limits[s.key] <= max(p.peak, s.total + p.cache_limit)
+        assert p.process + s.total + limits[s.key] <= max(p.peak, p.process + s.total + p.cache_limit)
     peak = max(p.stages, key=lambda s: s.total)
     assert limits[peak.key] == p.cache_limit
     decode = next(s for s in p.stages if s.key == "decode")
-    assert limits["decode"] == p.peak - decode.total > 2 * GB > 4 * p.cache_limit
+    assert limits["decode"] == p.peak - p.process - decode.total > 2 * GB > 4 * p.cache_limit
     # stage 1 runs the posterior encode too: its room is the smaller of the two
-    assert limits["stage1"] == p.peak - max(s.total for s in p.stages if s.key == "stage1")
+    assert limits["stage1"] == p.peak - p.process - max(s.total for s in p.stages if s.key == "stage1")
+
+
+def test_planner_loads_per_stage_rather_than_spill_the_vae_to_disk():
+    p = memory.plan(1024, 1024, dtype="float16", captioner=None, memory_limit_gb=8)
+    resident = memory.estimate(1024, 1024, dtype="float16", captioner=None, quant=p.quant, unet_tile=p.unet_tile,
+                               budget=p.budget)
+    assert resident.fits and resident.vae_tiles.decoder_spill  # all resident fits only with small spilled tiles
+    assert p.staged and p.quant == resident.quant and not (p.vae_tiles.encoder_spill or p.vae_tiles.decoder_spill)
 
 
 def test_planner_stages_weights_before_quantizing_and_prefers_13b():

@@ -234,10 +234,10 @@ def test_a_photo_that_cannot_fit_and_missing_weights_are_one_sentence(tiny_weigh
     from supir_mlx import Restorer
     from supir_mlx.weights.hub import WeightsUnavailable
 
-    with running_studio(lambda: Restorer.from_weights(tiny_weights, memory_limit_gb=0.25), tmp_path / "o",
+    with running_studio(lambda: Restorer.from_weights(tiny_weights, memory_limit_gb=0.5), tmp_path / "o",
                         tmp_path / "w") as (studio, server):
         wait_for(lambda: studio.model_state == "ready", what="the model")
-        # 3200x2400 out: more than a 0.25 GB budget holds even with weights per stage and the smallest tiles
+        # 3200x2400 out: more than a 0.5 GB budget holds even with weights per stage and the smallest tiles
         _, photo = upload(server, chart(tmp_path / "p.png", (200, 150)), "p.png")
         code, plan = request(server.url + "api/plan", {"photo": photo["id"], "settings": {"upscale": 16}})
         assert code == 200 and plan["fits"] is False and "p.png cannot fit in memory" in plan["message"]

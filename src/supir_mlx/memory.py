@@ -1,6 +1,7 @@
 """Memory planner: the peak a restore will reach, computed before any work, and the settings that fit.
 
-Peak = max over stages of (weights resident in that stage + that stage's activation peak).
+Peak = what the process holds throughout (PROCESS_BYTES: interpreter, libraries) + the max over stages of (weights
+resident in that stage + that stage's activation peak, the images it holds included).
 - Weights are counted exactly: each network is built lazily (MLX allocates nothing until evaluation)
   in the run's dtype, quantized by the same `QuantSpec` the weights cache uses, and its arrays'
   `nbytes` summed; LLaVA-1.5 likewise, as its converted folder loads (4-bit language model, the rest in the run's
@@ -28,7 +29,7 @@ import ctypes
 import functools
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 
@@ -49,16 +50,26 @@ MIN_TILE = 32
 CACHE_SHARE = 0.05
 
 # UNet + control encoder, one call on a [B, h, w] latent tile, fp32 activations:
-#   bytes = B * (UNET_PER_PIXEL * h*w + UNET_PER_SCORE * min(10 * (h*w/4)^2, 2^26)) * s/4 + UNET_FIXED
-# The first term is the feature maps (least squares over 16/32/64-latent tiles at batch 1 and 2: within
-# 4% of all six peaks from 32x32 up); the second the attention scores of the 640-channel level (10 heads
-# over h*w/4 tokens), which layers.attention chunks at 2^26 scores per batch item: its coefficient
-# (scores + softmax) makes the formula meet the 128x128 batch-2 tile, 4.616 GB; at 64x64 batch 2 the
-# formula then overestimates by 16% (910 MB measured). On Metal the fused attention never stores the
-# scores, so there the formula errs on the safe side.
-UNET_PER_PIXEL = 110_488.0
-UNET_PER_SCORE = 7.38
-UNET_FIXED = 5_335_000
+#   bytes = B * (UNET_PER_PIXEL * h*w + UNET_PER_SCORE * min(10 * (h*w/4)^2, 2^26) + UNET_PER_ITEM) * s/4
+# The first term is the feature maps; the second the attention scores of the 640-channel level (10 heads over
+# h*w/4 tokens), which layers.attention computes in chunks of at most 2^26 scores per batch item, one chunk alive
+# at a time; the third a part per batch item that does not grow with the tile (measured, not attributed).
+# Relative least squares over MLX allocator peaks (`bench_restore_memory.py --calibrate unet`, full-size networks
+# at reduced depth: blocks run one after another, so depth does not change the peak), 16 to 128 latent px at
+# batch 1 and 2 (Dec 2026, CPU backend, the host attention, GELU and norms working in place): within 4.4% of all
+# ten peaks (128x128: 0.611 GB at batch 1, 1.221 GB at batch 2; 64x64: 0.154 / 0.327 GB). On Metal the fused
+# attention never stores the scores, so there the formula errs on the safe side.
+UNET_PER_PIXEL = 14_544.0
+UNET_PER_SCORE = 5.05
+UNET_PER_ITEM = 45_380_000
+# What the process holds besides what its stages count, through every stage: the interpreter, MLX, NumPy, Pillow
+# and our modules (MKL too, where preloaded) with the models' Python objects: 0.12-0.13 GB resident in
+# bench_restore_process.py's runs just before the first weights load (x86-64 Linux).
+PROCESS_BYTES = 150_000_000
+# Output-sized float32 RGB images each stage holds beside its own work: the upscaled input while LLaVA captions;
+# it and the stage-1 image (the colour fix's reference) from stage 1 on; in the decode stage also the
+# colour-fixed output (the decoder's own output is counted in its pass, tiled_vae.estimate_bytes).
+IMAGES = {"caption": 1, "stage1": 2, "condition": 2, "sample": 2, "decode": 3}
 # Dequantized weights alive at once during a quantized call. Each layer's dequantization waits for its input
 # (weights.quantize, mx.depends), so about one is alive at a time. bench_denoiser_step.py --latent 16, batch 2,
 # fp32: 0.37 GB above the weights with 4-bit weights (3x3 convs included) against 0.24 GB unquantized. (Before
@@ -70,12 +81,14 @@ TEXT_ACTIVATIONS = int(0.1 * GB)
 # LLaVA-1.5 caption stage (captioner.Captioner.generate_ids): the quantized language model stays resident; on
 # top of it first the vision tower + projector (kept in the run's dtype) and their activations, then, with the
 # tower released, the KV cache for the prompt and 512 new tokens (mlx-lm's KVCache grows in steps of 256
-# positions) and the prefill's temporaries. The two activation constants are peaks measured by
+# positions) and the prefill's temporaries. The activation constants are peaks measured by
 # bench/bench_captioner.py with full-width random 4-bit models: vision 87 MB fp32 / 56 MB fp16; prefill
-# temporaries 7B fp32 0.469/0.480/0.479 GB at 1/2/4 layers (they do not grow with the depth), fp16 0.517/0.523 GB
-# (MLX's CPU fp16 matmul works through fp32 copies), 13B fp32 0.72 GB at 1 and 2 layers, its fp16 figure taken
-# in the 7B ratio. The CPU prefill also holds one dequantized matrix at a time, so on Metal these are upper
-# bounds; they are used for every dtype, unscaled.
+# temporaries (Dec 2026, MLX's quantized kernels as a restore runs them, fp32) 7B 0.26 GB at 2 layers and
+# CAP_7B3, 13B CAP_13B2 at 2 layers (a 1-layer model understates them: only the K/V projections that fill its
+# cache are evaluated). They are one layer's attention scores and MLP activations for the 630-token prompt, so
+# they do not grow with the depth. (The Nov constants, 0.53 / 0.79 GB, were fitted to a measurement that
+# multiplied by dequantized weights on the CPU to save time.) fp16 activations take half the bytes on Metal; the
+# fp32 figures are used for every dtype.
 CAPTIONERS = ("13b", "7b")
 CAPTIONER_BITS = 4  # the captioner is converted to 4-bit MLX once
 CAPTIONER_GROUP = 64
@@ -83,7 +96,7 @@ CAPTION_PROMPT_TOKENS = 630  # SUPIR's request: 36 tokens, 576 image features, 1
 CAPTION_NEW_TOKENS = 512  # captioner.MAX_NEW_TOKENS
 KV_STEP = 256
 CAPTION_VISION_ACTIVATIONS = {"7b": 87_000_000, "13b": 96_000_000}
-CAPTION_PREFILL_TEMPORARIES = {"7b": 525_000_000, "13b": 790_000_000}
+CAPTION_PREFILL_TEMPORARIES = {"7b": 270_000_000, "13b": 330_000_000}
 
 
 # A denoiser call with quantized weights on the CPU backend, where each quantized layer dequantizes its weights
@@ -169,10 +182,17 @@ class Plan:
     vae_tiles: TilePlan  # the tiled VAE's own plan (tiles, spilling) for the memory the weights leave
     staged: bool = False  # True: each stage loads only the weights it needs (see Residency above)
     notes: tuple[str, ...] = field(default=())
+    process: int = 0  # held through every stage besides its weights and activations (PROCESS_BYTES)
 
     @property
     def peak(self) -> int:
-        return max(s.total for s in self.stages)
+        return self.process + max(s.total for s in self.stages)
+
+    @property
+    def vae_budget(self) -> int:
+        """Bytes the VAE passes were planned in (tiled_vae.plan_tiles; a pass spills past it)."""
+        w_vae = max(st.weights for st in self.stages if st.name in ("encode", "decode"))
+        return vae_budget(self.budget, w_vae, self.width, self.height)
 
     @property
     def fits(self) -> bool:
@@ -193,8 +213,9 @@ class Plan:
         of it, 1 GB, gained nothing measurable), and a 1024-px restore's stage 1 (three VAE passes, each reusing
         what the one before freed) 15% faster with 10 GB of room (bench/README.md, run G)."""
         room: dict[str, int] = {}
+        top = self.peak - self.process
         for s in self.stages:
-            room[s.key] = min(room.get(s.key, self.peak), self.peak - s.total)
+            room[s.key] = min(room.get(s.key, top), top - s.total)
         return {key: max(r, self.cache_limit) for key, r in room.items()}
 
     def __str__(self) -> str:
@@ -203,15 +224,23 @@ class Plan:
             f"Memory plan for a {self.width}x{self.height} output ({self.dtype}, quantization {q}, "
             f"sampler tile {self.unet_tile} latent px, CFG {'batch 2' if self.cfg_batched else 'sequential'}, "
             f"captioner {self.captioner or 'none'}, weights {'loaded per stage' if self.staged else 'all resident'})",
-            f"  {'stage':30s} {'weights':>9s} {'activ.':>9s} {'total':>9s}",
+            f"  {'stage':30s} {'weights':>9s} {'activ.':>9s} {'total':>9s}   (each with the process's "
+            f"{_gb(self.process)}: interpreter, libraries)",
         ]
         for s in self.stages:
-            mark = "  <- peak" if s.total == self.peak else ""
-            lines.append(f"  {s.name:30s} {_gb(s.weights):>9s} {_gb(s.activations):>9s} {_gb(s.total):>9s}{mark}")
+            total = self.process + s.total
+            mark = "  <- peak" if total == self.peak else ""
+            lines.append(f"  {s.name:30s} {_gb(s.weights):>9s} {_gb(s.activations):>9s} {_gb(total):>9s}{mark}")
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"  expected peak {_gb(self.peak)} of {_gb(self.budget)} available: {verdict}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def vae_budget(budget: int, vae_weights: int, width: int, height: int) -> int:
+    """Bytes a VAE pass may use (tiles and spilling are chosen for it): what the process, the weights resident
+    around the pass and the stage's images leave of the budget."""
+    return max(budget - PROCESS_BYTES - vae_weights - max(IMAGES.values()) * height * width * 3 * 4, 1)
 
 
 def _gb(n: int) -> str:
@@ -309,7 +338,7 @@ def unet_activations(h: int, w: int, batch: int, dtype: mx.Dtype) -> int:
     heads1 = 10  # 640 channels / 64 per head at the first attention level
     scores = min(heads1 * (h * w / 4) ** 2, 2**26)
     s = dtype.size / 4
-    return int(batch * (UNET_PER_PIXEL * h * w + UNET_PER_SCORE * scores) * s + UNET_FIXED)
+    return int(batch * (UNET_PER_PIXEL * h * w + UNET_PER_SCORE * scores + UNET_PER_ITEM) * s)
 
 
 def estimate(
@@ -340,12 +369,13 @@ def estimate(
     th, tw = min(unet_tile, lh), min(unet_tile, lw)
     latents = 8 * lh * lw * 4 * 4  # x, noise, control, blend sums: a handful of fp32 4-channel latents
     budget = budget if budget is not None else available_memory()
+    image = height * width * 3 * 4
     # Resident: the whole SUPIRModel stays loaded. Staged: the VAE stays (but for captioning), the text
     # encoders and the UNet/control are loaded for their stages only (pipeline.restore.Residency).
     every = vae + text + den
     w_vae, w_text, w_den = (vae, vae + text, vae + den) if staged else (every, every, every)
     # The tiled VAE plans its own tiles (and spilling) in what the weights around it leave free.
-    tiles = plan_tiles(config.vae, height, width, max(budget - w_vae, 1), vdt.size)
+    tiles = plan_tiles(config.vae, height, width, vae_budget(budget, w_vae, width, height), vdt.size)
     stages = []
     if captioner:
         cap_w, cap_a = captioner_stage(captioner, dt)
@@ -359,6 +389,7 @@ def estimate(
               + (int(QUANT_CONV_TRANSIENT * dt.size / 4) if quant and quant.convs else 0), "sample"),
         Stage("decode", w_vae, tiles.decoder_bytes, "decode"),
     ]
+    stages = [replace(st, activations=st.activations + IMAGES[st.key] * image) for st in stages]
     spill = " (tile states spilled to disk)" if tiles.encoder_spill or tiles.decoder_spill else ""
     notes = (f"VAE tiles: encoder {tiles.encoder_tile} px, decoder {tiles.decoder_tile} latent px{spill}",
              f"a first run converts the checkpoints into the weight cache once, before the stages, holding at most "
@@ -369,7 +400,11 @@ def estimate(
                   f"{CPU_QUANT_SECONDS[0]}-{CPU_QUANT_SECONDS[1]} s on a 2-core x86-64 machine "
                   f"(about {CPU_QUANT_SLOWDOWN:.1f}x the unquantized time at a 64-latent tile)",)
     return Plan(width, height, tuple(stages), budget, str(dt).split(".")[-1], quant, unet_tile, cfg_batched, captioner,
-                tiles, staged, notes)
+                tiles, staged, notes, PROCESS_BYTES)
+
+
+def _spills(p: Plan) -> bool:
+    return p.vae_tiles.encoder_spill or p.vae_tiles.decoder_spill
 
 
 def plan(
@@ -387,7 +422,8 @@ def plan(
 
     Preference: the 13B captioner, then 7B (`captioner="auto"`); unquantized, then 8-bit, then 4-bit
     weights; the official 128-latent tile, then smaller ones; all weights resident, then loaded per stage
-    (same numbers, only re-reads); batched CFG, then sequential CFG (same numbers, half the activations).
+    (same numbers, only re-reads), but loaded per stage where all resident would spill VAE tile states to disk;
+    batched CFG, then sequential CFG (same numbers, half the activations).
     A fixed `captioner`, `quant` or `unet_tile` is respected as given.
     """
     budget = available_memory(memory_limit_gb)
@@ -398,17 +434,24 @@ def plan(
     for cap in captioners:
         for q in quants:
             for tile in tiles:
+                fitting = []
                 for staged in (False, True):
                     for batched in (True, False):
                         p = estimate(width, height, config=config, dtype=dtype, quant=q, unet_tile=tile,
                                      cfg_batched=batched, captioner=cap, budget=budget, staged=staged)
                         if p.fits:
-                            return p
+                            fitting.append(p)
+                            break
                         best = p if best is None or p.peak < best.peak else best
+                if fitting:
+                    # Re-reading the weights stage by stage costs seconds; VAE tile states written to and read
+                    # back from disk, with the small tiles that forced them, cost far more.
+                    return next((p for p in fitting if not _spills(p)), fitting[0])
     captioner = best.captioner
     worst = max(best.stages, key=lambda s: s.total)
     smaller = "7b or none" if captioner == "13b" else "none"
-    hint = f" (captioning does not fit: try --captioner {smaller})" if captioner and best.stages[0].total > budget else ""
+    hint = (f" (captioning does not fit: try --captioner {smaller})"
+            if captioner and best.process + best.stages[0].total > budget else "")
     raise MemoryPlanError(
         f"a {width}x{height} restore needs at least {_gb(best.peak)} (stage '{worst.name}') but only "
         f"{_gb(budget)} is available{hint}; use a smaller --upscale or raise --memory-limit"

@@ -310,8 +310,9 @@ class Restorer:
         f = self.config.vae.downsample_factor
         tiling = Tiling(s.tile_size, s.tile_stride or s.tile_size // 2) if s.tile_size else auto_tiling(H // f, W // f, plan.unet_tile)
         trace = Trace(keep=("x_stage1",))
+        x = mx.array(x)  # (the NumPy copy would stay alive beside the pipeline's through every stage)
         out = self.runner.sample(
-            mx.array(x), [caption], s, noise or SeededNoise(s.seed), tiling=tiling, vae_tiles=vae_tiles,
+            x, [caption], s, noise or SeededNoise(s.seed), tiling=tiling, vae_tiles=vae_tiles,
             batched_cfg=plan.cfg_batched, staged=plan.staged, on_event=on_event, trace=trace, group=group,
             cache_limits=cache_limits,
         )
@@ -323,8 +324,8 @@ class Restorer:
 
     def _vae_tiles(self, s: RestoreSettings, plan) -> VAETiles:
         """The plan's VAE tiles (None where a pass runs untiled), spilling tile states to disk past the
-        memory the weights resident around the VAE stages leave."""
-        budget = plan.budget - max(st.weights for st in plan.stages if st.name in ("encode", "decode"))
+        memory the plan leaves the VAE passes (Plan.vae_budget)."""
+        budget = plan.vae_budget
         if s.vae_encoder_tile or s.vae_decoder_tile:
             return VAETiles(s.vae_encoder_tile, s.vae_decoder_tile, budget)
         t = plan.vae_tiles

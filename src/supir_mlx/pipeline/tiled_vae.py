@@ -399,13 +399,15 @@ def tiled_decode(vae: AutoencoderKL, z: mx.array, tile_size: int, budget_bytes: 
 #   working = what one tile (or the untiled pass) needs while it runs: COPIES full-resolution activations of
 #             the widest channel count, plus the attention scores of the mid block (queries are chunked to
 #             MAX_SCORE_ELEMENTS).
-# COPIES by (tiled, is_decoder), fitted to MLX allocator peaks of the full-size VAE (CPU backend, fp32,
-# Dec 2026, after the 3x3 convolutions stopped unfolding their input and the VAE started evaluating block by
-# block): encoder untiled 512 px 7.5, tiled 512/256 7.4; decoder untiled 512 px 6.0 and 1024 px 5.4,
-# tiled 512 px / tile 32 2.8 and 1024 px / tile 48 about 3.9 (from the resident memory of a real restore).
-# (Before those changes: 16 tiled, 48 untiled.) Smaller tiles shrink `working` but grow
-# `held` (more overlap), so the largest tile that fits is the best one. Re-measure on Metal.
-COPIES = {(False, False): 8, (False, True): 6, (True, False): 8, (True, True): 4}
+# COPIES by (tiled, is_decoder): the largest value MLX allocator peaks of the full-size VAE imply, plus 0.15-0.3
+# to the quarter (`bench_restore_memory.py --calibrate vae`: CPU backend, fp32, Dec 2026, after the host GroupNorm,
+# SiLU and attention went in place): encoder untiled 5.03 at 512 and 1024 px; tiled 6.05 / 6.08 / 6.46 (1024 /
+# 1536 px at tile 512, 1024 px at tile 384); decoder untiled 3.75 / 3.74 (512 / 1024 px); tiled 2.04 / 2.03 / 2.34
+# (1024 / 1536 px at tile 64, 1024 px at tile 32). (Fitted before those changes: 8, 6, 8, 4; before the 3x3
+# convolutions stopped unfolding their input: 16 tiled, 48 untiled. SPILL_COPIES have not been re-measured since:
+# they err on the safe side.) Smaller tiles shrink `working` but grow `held` (more overlap), so the largest tile
+# that fits is the best one. Re-measure on Metal.
+COPIES = {(False, False): 5.25, (False, True): 4.0, (True, False): 6.75, (True, True): 2.5}
 SPILL_COPIES = {False: 6, True: 3}  # by is_decoder
 ENCODER_TILES = (2048, 1536, 1024, 768, 512, 384, 256, 192, 128)  # image pixels
 DECODER_TILES = (256, 192, 160, 128, 96, 64, 48, 32, 24, 16)  # latent pixels
@@ -468,16 +470,22 @@ def _padded_areas(cfg, height: int, width: int, tile_size: int, is_decoder: bool
     return [(t.src[1] - t.src[0]) * (t.src[3] - t.src[2]) * scale for t in split_tiles(*size, tile_size, is_decoder)[0]]
 
 
+def copy_bytes(cfg, height: int, width: int, tile_size: int, is_decoder: bool, dtype_size: int) -> int:
+    """Bytes of one of COPIES: a full-resolution activation of the widest channel count over the largest padded
+    tile (the whole image when the pass runs untiled)."""
+    c0 = cfg.ch * cfg.ch_mult[0]
+    widest = (cfg.ch * cfg.ch_mult[1] if len(cfg.ch_mult) > 1 else c0) if is_decoder else c0
+    areas = _padded_areas(cfg, height, width, tile_size, is_decoder)
+    return widest * (max(areas) if areas else height * width) * dtype_size
+
+
 def estimate_bytes(
     cfg, height: int, width: int, tile_size: int, is_decoder: bool, dtype_size: int, spill: bool = False
 ) -> int:
     """Estimated peak bytes of one tiled (or untiled) VAE pass over a height x width image."""
     from ..models.layers import MAX_SCORE_ELEMENTS
 
-    c0 = cfg.ch * cfg.ch_mult[0]
-    c1 = cfg.ch * cfg.ch_mult[1] if len(cfg.ch_mult) > 1 else c0
     f = cfg.downsample_factor
-    widest = c1 if is_decoder else c0
     areas = _padded_areas(cfg, height, width, tile_size, is_decoder)
     if areas:
         state = max(c / div for c, div, _ in _barriers(cfg, is_decoder)) * dtype_size  # bytes per full-res pixel
@@ -487,10 +495,9 @@ def estimate_bytes(
         held, tile_px = 0, height * width
     tokens = tile_px // (f * f)
     scores = min(tokens * tokens, max(MAX_SCORE_ELEMENTS, tokens)) * 4
-    copies = COPIES[bool(areas), is_decoder]
-    working = copies * widest * tile_px * dtype_size + scores
+    working = COPIES[bool(areas), is_decoder] * copy_bytes(cfg, height, width, tile_size, is_decoder, dtype_size) + scores
     output = height * width * 3 * 4 if is_decoder else tokens * 2 * cfg.z_channels * 4
-    return held + working + output
+    return int(held + working + output)
 
 
 def spill_traffic(cfg, height: int, width: int, tile_size: int, is_decoder: bool, dtype_size: int) -> tuple[int, int, int]:
