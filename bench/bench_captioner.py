@@ -9,11 +9,12 @@ phase does not depend on the depth; the language phase is the KV cache (mlx-lm's
 computed for the real depth and all 512 new tokens, plus the prefill temporaries measured at `--layers`.
 
 The language model runs on MLX's own quantized kernels, as in a restore, on every backend (on the 2-core x86-64 VM
-a full-width 7B layer's 629-token prefill takes about 25 s, 13B about 50 s). Until Dec 2026 the CPU measurement
-multiplied by dequantized weights instead, to save time; that aid alone held 0.4-0.6 GB of temporaries the real
-path never does, and the planner's prefill constants were fitted to it.
+a full-width 7B layer's 629-token prefill takes 2-3 minutes). Measure at 2 layers or more: in a 1-layer model only
+the K/V projections that fill the cache are evaluated, so its temporaries are understated. Until Dec 2026 the CPU
+measurement multiplied by dequantized weights instead, to save time; that aid alone held about 0.2-0.45 GB of
+temporaries the real path never does, and the planner's prefill constants were fitted to it.
 
-    python bench/bench_captioner.py [--size 7b|13b] [--bits 4|8] [--layers 1 2] [--new-tokens 4]
+    python bench/bench_captioner.py [--size 7b|13b] [--bits 4|8] [--layers 2 3] [--new-tokens 1]
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def run(size: str, bits: int, layers: int, new_tokens: int, dtype: mx.Dtype) -> 
     return out
 
 
-def caption_stage(size: str, dtype: mx.Dtype, layers: tuple[int, ...] = (1, 2), bits: int = 4,
+def caption_stage(size: str, dtype: mx.Dtype, layers: tuple[int, ...] = (2, 3), bits: int = 4,
                   new_tokens: int = 4) -> tuple[float, int]:
     """(seconds measured, bytes above the language model's weights at the real depth with 512 new tokens):
     the larger of the vision phase (tower + its activations; does not depend on the depth) and the language
@@ -131,7 +132,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(LLAVA_V15_SIZES), default="7b")
     ap.add_argument("--bits", type=int, choices=(4, 8), default=4)
-    ap.add_argument("--layers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--dtype", choices=("float16", "float32"),
                     help="default: as Captioner.load chooses (float16 on a GPU, float32 on CPU)")

@@ -311,7 +311,7 @@ def main() -> None:
                     help="what the planner may choose (auto: 13B if it fits, else 7B)")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                     help="measure only these (e.g. in separate processes: the peaks are per process)")
-    ap.add_argument("--caption-layers", type=int, nargs="+", default=[1, 2],
+    ap.add_argument("--caption-layers", type=int, nargs="+", default=[2, 3],
                     help="decoder layers of the measured LLaVA models (extrapolated to the real depth)")
     ap.add_argument("--max-tiles", type=int, help="run only this many sampler tiles per step (all tiles are alike: "
                     "the peak is the same, the step time is scaled up)")

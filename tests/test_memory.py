@@ -127,10 +127,25 @@ def test_each_stage_may_cache_only_the_room_it_leaves_below_the_peak(captioner):
         assert p.process + s.total + limits[s.key] <= max(p.peak, p.process + s.total + p.cache_limit)
     peak = max(p.stages, key=lambda s: s.total)
     assert limits[peak.key] == p.cache_limit
+    # the cache never takes the room an underestimate of the peak stage's activations would need
+    assert p.peak + p.cache_limit + memory.FIT_MARGIN * peak.activations <= p.budget
     decode = next(s for s in p.stages if s.key == "decode")
     assert limits["decode"] == p.peak - p.process - decode.total > 2 * GB > 4 * p.cache_limit
     # stage 1 runs the posterior encode too: its room is the smaller of the two
     assert limits["stage1"] == p.peak - p.process - max(s.total for s in p.stages if s.key == "stage1")
+
+
+def test_the_cache_keeps_clear_of_the_budget_by_the_fit_margin():
+    roomy = memory.estimate(1024, 1024, dtype="float32", quant=QuantSpec(bits=8), captioner=None, staged=True,
+                            budget=int(64 * GB))
+    top = max(roomy.stages, key=lambda s: s.total)
+    assert roomy.cache_limit == int(memory.CACHE_SHARE * roomy.peak)
+    tight = memory.estimate(1024, 1024, dtype="float32", quant=QuantSpec(bits=8), captioner=None, staged=True,
+                            budget=roomy.peak + int(0.1 * GB))
+    assert tight.cache_limit == int(0.1 * GB) - int(memory.FIT_MARGIN * top.activations) > 0
+    full = memory.estimate(1024, 1024, dtype="float32", quant=QuantSpec(bits=8), captioner=None, staged=True,
+                           budget=roomy.peak)
+    assert full.fits and full.cache_limit == 0
 
 
 def test_planner_loads_per_stage_rather_than_spill_the_vae_to_disk():

@@ -48,6 +48,10 @@ MIN_TILE = 32
 # the budget, but at most this share of the planned peak; a lighter stage may also fill the room it leaves
 # below the peak (Plan.cache_limits), so what the process holds stays within the plan.
 CACHE_SHARE = 0.05
+# Of the room below the budget, the cache never gets this share of the peak stage's activations: the activation
+# formulas are fitted within 4.4% of their measurements, and a cache filled to the budget would turn any
+# underestimate into a process above the limit (run I in bench/README.md filled 0.64 GB of room, 40 MB short of it).
+FIT_MARGIN = 0.05
 
 # UNet + control encoder, one call on a [B, h, w] latent tile, fp32 activations:
 #   bytes = B * (UNET_PER_PIXEL * h*w + UNET_PER_SCORE * min(10 * (h*w/4)^2, 2^26) + UNET_PER_ITEM) * s/4
@@ -81,14 +85,14 @@ TEXT_ACTIVATIONS = int(0.1 * GB)
 # LLaVA-1.5 caption stage (captioner.Captioner.generate_ids): the quantized language model stays resident; on
 # top of it first the vision tower + projector (kept in the run's dtype) and their activations, then, with the
 # tower released, the KV cache for the prompt and 512 new tokens (mlx-lm's KVCache grows in steps of 256
-# positions) and the prefill's temporaries. The activation constants are peaks measured by
-# bench/bench_captioner.py with full-width random 4-bit models: vision 87 MB fp32 / 56 MB fp16; prefill
-# temporaries (Dec 2026, MLX's quantized kernels as a restore runs them, fp32) 7B 0.26 GB at 2 layers and
-# CAP_7B3, 13B CAP_13B2 at 2 layers (a 1-layer model understates them: only the K/V projections that fill its
-# cache are evaluated). They are one layer's attention scores and MLP activations for the 630-token prompt, so
-# they do not grow with the depth. (The Nov constants, 0.53 / 0.79 GB, were fitted to a measurement that
-# multiplied by dequantized weights on the CPU to save time.) fp16 activations take half the bytes on Metal; the
-# fp32 figures are used for every dtype.
+# positions) and the prefill's temporaries: one layer's attention scores and MLP activations over the 630-token
+# prompt. The activation constants are peaks measured by bench/bench_captioner.py with full-width random 4-bit
+# models: vision 87 MB fp32 / 56 MB fp16; prefill temporaries (Dec 2026, MLX's quantized kernels as a restore runs
+# them, fp32) 7B 0.259 / 0.269 / 0.269 GB at 2 / 3 / 6 layers, 13B 0.323 GB at 2 layers (a 1-layer model
+# understates them: only the K/V projections that fill its cache are evaluated), each taken with a few % to
+# spare. (The Nov constants, 0.53 / 0.79 GB, were fitted to a measurement that multiplied by dequantized weights
+# on the CPU to save time.) fp16 activations take half the bytes on Metal; the fp32 figures are used for every
+# dtype.
 CAPTIONERS = ("13b", "7b")
 CAPTIONER_BITS = 4  # the captioner is converted to 4-bit MLX once
 CAPTIONER_GROUP = 64
@@ -96,7 +100,7 @@ CAPTION_PROMPT_TOKENS = 630  # SUPIR's request: 36 tokens, 576 image features, 1
 CAPTION_NEW_TOKENS = 512  # captioner.MAX_NEW_TOKENS
 KV_STEP = 256
 CAPTION_VISION_ACTIVATIONS = {"7b": 87_000_000, "13b": 96_000_000}
-CAPTION_PREFILL_TEMPORARIES = {"7b": 270_000_000, "13b": 330_000_000}
+CAPTION_PREFILL_TEMPORARIES = {"7b": 280_000_000, "13b": 345_000_000}
 
 
 # A denoiser call with quantized weights on the CPU backend, where each quantized layer dequantizes its weights
@@ -201,7 +205,8 @@ class Plan:
     @property
     def cache_limit(self) -> int:
         """Bytes of freed buffers MLX may keep for reuse at the peak stage (mx.set_cache_limit)."""
-        return max(0, min(self.budget - self.peak, int(CACHE_SHARE * self.peak)))
+        top = max(self.stages, key=lambda s: s.total)
+        return max(0, min(self.budget - self.peak - int(FIT_MARGIN * top.activations), int(CACHE_SHARE * self.peak)))
 
     @property
     def cache_limits(self) -> dict[str, int]:
