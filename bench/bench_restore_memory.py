@@ -143,7 +143,8 @@ def calibrate_vae(cfg: SUPIRConfig, dtype: mx.Dtype) -> None:
             side = px // cfg.vae.downsample_factor if is_decoder else px
             tiled = tiled_vae.needs_tiling(side, side, tile, is_decoder)
             est = tiled_vae.estimate_bytes(cfg.vae, px, px, tile, is_decoder, size)
-            implied = tiled_vae.COPIES[tiled, is_decoder] + (peak - est) / tiled_vae.copy_bytes(cfg.vae, px, px, tile, is_decoder, size)
+            unit = tiled_vae.copy_bytes(cfg.vae, px, px, tile, is_decoder, size)
+            implied = tiled_vae.COPIES[tiled, is_decoder] + (peak - est) / unit
             print(f"vae_{'decode' if is_decoder else 'encode'} px={px} tile={tile if tiled else 'untiled'} "
                   f"peak={peak / GB:.3f} GB estimate={est / GB:.3f} GB ({est / peak - 1:+.1%}) "
                   f"implied COPIES[{tiled}, {is_decoder}]={implied:.2f} time={dt:.1f}s", flush=True)
