@@ -186,11 +186,19 @@ class Plan:
     vae_tiles: TilePlan  # the tiled VAE's own plan (tiles, spilling) for the memory the weights leave
     staged: bool = False  # True: each stage loads only the weights it needs (see Residency above)
     notes: tuple[str, ...] = field(default=())
-    process: int = 0  # held through every stage besides its weights and activations (PROCESS_BYTES)
+
+    @property
+    def process(self) -> int:
+        """Bytes held through every stage besides its weights and activations."""
+        return PROCESS_BYTES
+
+    @property
+    def peak_stage(self) -> Stage:
+        return max(self.stages, key=lambda s: s.total)
 
     @property
     def peak(self) -> int:
-        return self.process + max(s.total for s in self.stages)
+        return self.process + self.peak_stage.total
 
     @property
     def vae_budget(self) -> int:
@@ -205,8 +213,8 @@ class Plan:
     @property
     def cache_limit(self) -> int:
         """Bytes of freed buffers MLX may keep for reuse at the peak stage (mx.set_cache_limit)."""
-        top = max(self.stages, key=lambda s: s.total)
-        return max(0, min(self.budget - self.peak - int(FIT_MARGIN * top.activations), int(CACHE_SHARE * self.peak)))
+        margin = int(FIT_MARGIN * self.peak_stage.activations)
+        return max(0, min(self.budget - self.peak - margin, int(CACHE_SHARE * self.peak)))
 
     @property
     def cache_limits(self) -> dict[str, int]:
@@ -218,7 +226,7 @@ class Plan:
         of it, 1 GB, gained nothing measurable), and a 1024-px restore's stage 1 (three VAE passes, each reusing
         what the one before freed) 15% faster with 10 GB of room (bench/README.md, run G)."""
         room: dict[str, int] = {}
-        top = self.peak - self.process
+        top = self.peak_stage.total
         for s in self.stages:
             room[s.key] = min(room.get(s.key, top), top - s.total)
         return {key: max(r, self.cache_limit) for key, r in room.items()}
@@ -405,7 +413,7 @@ def estimate(
                   f"{CPU_QUANT_SECONDS[0]}-{CPU_QUANT_SECONDS[1]} s on a 2-core x86-64 machine "
                   f"(about {CPU_QUANT_SLOWDOWN:.1f}x the unquantized time at a 64-latent tile)",)
     return Plan(width, height, tuple(stages), budget, str(dt).split(".")[-1], quant, unet_tile, cfg_batched, captioner,
-                tiles, staged, notes, PROCESS_BYTES)
+                tiles, staged, notes)
 
 
 def _spills(p: Plan) -> bool:
@@ -439,21 +447,23 @@ def plan(
     for cap in captioners:
         for q in quants:
             for tile in tiles:
-                fitting = []
+                spilling = None
                 for staged in (False, True):
                     for batched in (True, False):
                         p = estimate(width, height, config=config, dtype=dtype, quant=q, unet_tile=tile,
                                      cfg_batched=batched, captioner=cap, budget=budget, staged=staged)
                         if p.fits:
-                            fitting.append(p)
+                            # Re-reading the weights stage by stage costs seconds; VAE tile states written to and
+                            # read back from disk, with the small tiles that forced them, cost far more.
+                            if not _spills(p):
+                                return p
+                            spilling = spilling or p
                             break
                         best = p if best is None or p.peak < best.peak else best
-                if fitting:
-                    # Re-reading the weights stage by stage costs seconds; VAE tile states written to and read
-                    # back from disk, with the small tiles that forced them, cost far more.
-                    return next((p for p in fitting if not _spills(p)), fitting[0])
+                if spilling:
+                    return spilling
     captioner = best.captioner
-    worst = max(best.stages, key=lambda s: s.total)
+    worst = best.peak_stage
     smaller = "7b or none" if captioner == "13b" else "none"
     hint = (f" (captioning does not fit: try --captioner {smaller})"
             if captioner and best.process + best.stages[0].total > budget else "")

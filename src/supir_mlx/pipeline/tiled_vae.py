@@ -473,10 +473,14 @@ def _padded_areas(cfg, height: int, width: int, tile_size: int, is_decoder: bool
 def copy_bytes(cfg, height: int, width: int, tile_size: int, is_decoder: bool, dtype_size: int) -> int:
     """Bytes of one of COPIES: a full-resolution activation of the widest channel count over the largest padded
     tile (the whole image when the pass runs untiled)."""
+    areas = _padded_areas(cfg, height, width, tile_size, is_decoder)
+    return _copy_bytes(cfg, max(areas) if areas else height * width, is_decoder, dtype_size)
+
+
+def _copy_bytes(cfg, tile_px: int, is_decoder: bool, dtype_size: int) -> int:
     c0 = cfg.ch * cfg.ch_mult[0]
     widest = (cfg.ch * cfg.ch_mult[1] if len(cfg.ch_mult) > 1 else c0) if is_decoder else c0
-    areas = _padded_areas(cfg, height, width, tile_size, is_decoder)
-    return widest * (max(areas) if areas else height * width) * dtype_size
+    return widest * tile_px * dtype_size
 
 
 def estimate_bytes(
@@ -495,7 +499,7 @@ def estimate_bytes(
         held, tile_px = 0, height * width
     tokens = tile_px // (f * f)
     scores = min(tokens * tokens, max(MAX_SCORE_ELEMENTS, tokens)) * 4
-    working = COPIES[bool(areas), is_decoder] * copy_bytes(cfg, height, width, tile_size, is_decoder, dtype_size) + scores
+    working = COPIES[bool(areas), is_decoder] * _copy_bytes(cfg, tile_px, is_decoder, dtype_size) + scores
     output = height * width * 3 * 4 if is_decoder else tokens * 2 * cfg.z_channels * 4
     return int(held + working + output)
 
